@@ -1,0 +1,13 @@
+"""tinyi2v: MobileI2V image-to-video inference with numpy alone.
+
+    import tinyi2v
+    f = tinyi2v.load_denoiser("my-model")        # or its transformer/ folder
+    v = f(x, timestep, cond_mask, flow_score)    # the official denoiser's call
+
+Kernels: `TINYI2V_BACKEND=auto|numpy|numba` (numba optional, imported on first use).
+"""
+from .denoiser import Denoiser, load_denoiser
+from .errors import FormatError, TinyI2VError
+
+__all__ = ["Denoiser", "FormatError", "TinyI2VError", "load_denoiser"]
+__version__ = "0.1.0"

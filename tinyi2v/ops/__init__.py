@@ -1,0 +1,53 @@
+"""Kernels behind one switch: `TINYI2V_BACKEND=auto|numpy|numba` (or `set_backend`).
+
+`auto` uses numba when it can be imported and numpy otherwise. numba is imported only when a
+kernel is first used, so `import tinyi2v` and `tinyi2v --help` never pay for it.
+Usage: `from tinyi2v import ops; ops.layernorm_modulate(...)`. The signatures and the
+reference maths are documented in `numpy_ops.py`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+from ..errors import TinyI2VError
+
+KERNELS = ("layernorm_modulate", "gated_add_", "rope3d", "linear_attention",
+           "depthwise_conv3x3", "bias_silu_", "silu_gate")
+BACKENDS = ("auto", "numpy", "numba")
+
+_active: ModuleType | None = None
+
+
+def set_backend(name: str | None = None) -> str:
+    """Select the kernel backend (default: $TINYI2V_BACKEND or auto); returns 'numpy' or 'numba'."""
+    global _active
+    name = (name or os.environ.get("TINYI2V_BACKEND") or "auto").lower()
+    if name not in BACKENDS:
+        raise TinyI2VError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name in ("auto", "numba"):
+        try:
+            _active = importlib.import_module(f"{__name__}.numba_ops")
+            return "numba"
+        except ImportError as e:
+            if name == "numba":
+                raise TinyI2VError(f"backend 'numba' requested but numba cannot be imported ({e}); "
+                                   "install it with: pip install 'tinyi2v[fast]'") from None
+    _active = importlib.import_module(f"{__name__}.numpy_ops")
+    return "numpy"
+
+
+def backend() -> str:
+    """The name of the backend in use ('numpy' or 'numba'), selecting the default if needed."""
+    if _active is None:
+        set_backend()
+    return _active.__name__.rsplit(".", 1)[1].removesuffix("_ops")
+
+
+def __getattr__(name: str):
+    if name in KERNELS:
+        if _active is None:
+            set_backend()
+        return getattr(_active, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,178 @@
+"""numba kernels: the same functions as `numpy_ops.py`, written as explicit loops.
+
+Imported only when the numba backend is selected (numba is optional: `pip install tinyi2v[fast]`).
+The loops fuse what numpy does in several passes (normalise + modulate, rotate + ReLU,
+bias + SiLU) so each activation is read and written once, and run in parallel over rows.
+Matrix products stay in numpy, where BLAS already runs them near peak.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+from numba import prange
+
+# numba's OpenMP threads spin-wait between parallel loops and fight BLAS's threads for the cores:
+# on 2 cores that made a small forward 40x slower. The workqueue layer sleeps instead.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+# Allow reassociation so reductions vectorise; keep NaN/inf semantics (no nnan/ninf).
+_jit = numba.njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "nsz", "arcp"})
+
+
+@_jit
+def _layernorm_modulate(x, shift, scale, index, eps, out):
+    B, N, C = x.shape
+    for bn in prange(B * N):
+        b, n = bn // N, bn % N
+        r = index[b, n]
+        mean = 0.0
+        for c in range(C):
+            mean += x[b, n, c]
+        mean /= C
+        var = 0.0
+        for c in range(C):
+            d = x[b, n, c] - mean
+            var += d * d
+        inv = 1.0 / math.sqrt(var / C + eps)
+        for c in range(C):
+            out[b, n, c] = (x[b, n, c] - mean) * inv * (1.0 + scale[b, r, c]) + shift[b, r, c]
+
+
+def layernorm_modulate(x, shift, scale, index, eps=1e-6):
+    out = np.empty_like(x)
+    _layernorm_modulate(x, shift, scale, index, np.float32(eps), out)
+    return out
+
+
+@_jit
+def gated_add_(h, y, gate, index):
+    B, N, C = h.shape
+    for bn in prange(B * N):
+        b, n = bn // N, bn % N
+        r = index[b, n]
+        for c in range(C):
+            h[b, n, c] += gate[b, r, c] * y[b, n, c]
+
+
+@_jit
+def _rope3d(x, cos, sin, relu, out):
+    B, N, nh, D = x.shape
+    K = cos.shape[2]
+    for bn in prange(B * N):
+        b, n = bn // N, bn % N
+        for hd in range(nh):
+            for a in range(3):
+                base = a * 2 * K
+                for j in range(K):
+                    x1 = x[b, n, hd, base + j]
+                    x2 = x[b, n, hd, base + K + j]
+                    c = cos[n, a, j]
+                    s = sin[n, a, j]
+                    y1 = x1 * c - x2 * s
+                    y2 = x2 * c + x1 * s
+                    if relu:
+                        y1 = max(y1, 0.0)
+                        y2 = max(y2, 0.0)
+                    out[b, n, hd, base + j] = y1
+                    out[b, n, hd, base + K + j] = y2
+
+
+def rope3d(x, cos, sin, relu=False):
+    out = np.empty(x.shape, dtype=x.dtype)
+    _rope3d(x, cos, sin, relu, out)
+    return out
+
+
+@_jit
+def _linear_attention(q, k, v, eps, out):
+    B, N, nh, D = q.shape
+    for bh in prange(B * nh):
+        b, hd = bh // nh, bh % nh
+        kv = np.zeros((D, D), dtype=np.float32)               # sum_m k_m v_m^T
+        z = np.zeros(D, dtype=np.float32)                     # sum_m k_m
+        for m in range(N):
+            for d in range(D):
+                kd = k[b, m, hd, d]
+                if kd != 0.0:                                 # ReLU features are often zero
+                    z[d] += kd
+                    for e in range(D):
+                        kv[d, e] += kd * v[b, m, hd, e]
+        acc = np.empty(D, dtype=np.float32)
+        for n in range(N):
+            acc[:] = 0.0
+            den = 0.0
+            for d in range(D):
+                qd = q[b, n, hd, d]
+                if qd != 0.0:
+                    den += qd * z[d]
+                    for e in range(D):
+                        acc[e] += qd * kv[d, e]
+            inv = 1.0 / (den + eps)
+            for e in range(D):
+                out[b, n, hd, e] = acc[e] * inv
+
+
+def linear_attention(q, k, v, eps):
+    out = np.empty(q.shape, dtype=np.float32)
+    _linear_attention(q, k, v, np.float32(eps), out)
+    return out
+
+
+@_jit
+def _depthwise_conv3x3(x, weight, bias, out):
+    F, H, W, C = x.shape
+    for fh in prange(F * H):
+        f, i = fh // H, fh % H
+        for j in range(W):
+            for c in range(C):
+                out[f, i, j, c] = bias[c]
+            for di in range(-1, 2):
+                ii = i + di
+                if ii < 0 or ii >= H:
+                    continue
+                for dj in range(-1, 2):
+                    jj = j + dj
+                    if jj < 0 or jj >= W:
+                        continue
+                    for c in range(C):
+                        out[f, i, j, c] += x[f, ii, jj, c] * weight[c, di + 1, dj + 1]
+
+
+def depthwise_conv3x3(x, weight, bias):
+    out = np.empty_like(x)
+    _depthwise_conv3x3(x, weight, bias, out)
+    return out
+
+
+@_jit
+def _bias_silu(x, bias):
+    R, C = x.shape
+    for r in prange(R):
+        for c in range(C):
+            u = x[r, c] + bias[c]
+            x[r, c] = u / (1.0 + math.exp(-u))               # exp overflow -> inf -> 0: fine
+
+
+def bias_silu_(x, bias):
+    assert x.flags.c_contiguous, "in-place kernel needs a contiguous array"
+    _bias_silu(x.reshape(-1, x.shape[-1]), bias)
+
+
+@_jit
+def _silu_gate(x, out):
+    R, F = out.shape
+    for r in prange(R):
+        for c in range(F):
+            g = x[r, F + c]
+            out[r, c] = x[r, c] * g / (1.0 + math.exp(-g))
+
+
+def silu_gate(x):
+    F = x.shape[-1] // 2
+    out = np.empty(x.shape[:-1] + (F,), dtype=x.dtype)
+    _silu_gate(x.reshape(-1, 2 * F), out.reshape(-1, F))
+    return out

@@ -1,0 +1,109 @@
+"""Reference kernels in vectorised numpy: the backend that runs everywhere (Pyodide included).
+
+Every function here has a twin in `numba_ops.py` with the same signature and result (within
+float32 round-off); the tests compare the two on random shapes. Layouts are channel-last,
+as the denoiser keeps tokens: x[b, n, c] with n = t*H*W + h*W + w.
+
+Per-token modulation is passed as a few distinct rows plus an index: `rows[b, r, c]` and
+`index[b, n] = r`. A MobileI2V sample has only two distinct timestep rows (guide frame at
+t=0, the rest at t), so this is exact and avoids materialising [B, N, C] tables.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _per_token(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """[B, R, C] rows gathered by [B, N] index -> [B, N, C]."""
+    return rows[np.arange(rows.shape[0])[:, None], index]
+
+
+def layernorm_modulate(x: np.ndarray, shift: np.ndarray, scale: np.ndarray, index: np.ndarray,
+                       eps: float = 1e-6) -> np.ndarray:
+    """LayerNorm without affine over the last axis, then `* (1 + scale) + shift` per token.
+
+    x [B, N, C]; shift, scale [B, R, C]; index [B, N] -> [B, N, C] (a new array).
+    """
+    mean = x.mean(axis=-1, keepdims=True)                     # [B, N, 1]
+    y = x - mean                                              # [B, N, C]
+    var = np.mean(y * y, axis=-1, keepdims=True)              # [B, N, 1]
+    y *= 1.0 / np.sqrt(var + np.float32(eps))
+    y *= 1.0 + _per_token(scale, index)
+    y += _per_token(shift, index)
+    return y
+
+
+def gated_add_(h: np.ndarray, y: np.ndarray, gate: np.ndarray, index: np.ndarray) -> None:
+    """Residual update in place: h += gate[token] * y.   h, y [B, N, C]; gate [B, R, C]."""
+    h += _per_token(gate, index) * y
+
+
+def rope3d(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, relu: bool = False) -> np.ndarray:
+    """3D rotary embedding, "rotate half" within each of the three axis chunks of a head.
+
+    x [B, N, heads, D] with D = 3 * 2 * K (chunks t, h, w; each split in halves x1 | x2);
+    cos, sin [N, 3, K] -> [B, N, heads, D]:  x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin.
+    `relu=True` applies the linear-attention feature map afterwards (RoPE first, ReLU second).
+    """
+    B, N, nh, D = x.shape
+    K = cos.shape[-1]
+    xs = x.reshape(B, N, nh, 3, 2, K)                         # [B, N, heads, axis, half, K]
+    c = cos[None, :, None]                                    # [1, N, 1, 3, K]
+    s = sin[None, :, None]
+    out = np.empty_like(xs)
+    out[..., 0, :] = xs[..., 0, :] * c - xs[..., 1, :] * s
+    out[..., 1, :] = xs[..., 1, :] * c + xs[..., 0, :] * s
+    if relu:
+        np.maximum(out, 0, out=out)
+    return out.reshape(B, N, nh, D)
+
+
+def linear_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
+    """Linear attention over already feature-mapped q, k (non-negative).
+
+    q, k, v [B, N, heads, D] -> [B, N, heads, D]:
+    out_n = q_n . (K^T V) / (q_n . sum_m k_m + eps), the O(N D^2) order of softmax-free attention.
+    """
+    qh = q.transpose(0, 2, 1, 3)                              # [B, heads, N, D]
+    kh = k.transpose(0, 2, 1, 3)
+    vh = v.transpose(0, 2, 1, 3)
+    kv = kh.transpose(0, 1, 3, 2) @ vh                        # [B, heads, D, D]
+    z = kh.sum(axis=2)                                        # [B, heads, D]
+    num = qh @ kv                                             # [B, heads, N, D]
+    den = qh @ z[..., None]                                   # [B, heads, N, 1]
+    return (num / (den + np.float32(eps))).transpose(0, 2, 1, 3)
+
+
+def depthwise_conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Depthwise 3x3 convolution, stride 1, zero padding 1, channel-last.
+
+    x [F, H, W, C] (F = frames), weight [C, 3, 3], bias [C] -> [F, H, W, C].
+    Accumulates the nine shifted taps; never builds an im2col matrix.
+    """
+    F, H, W, C = x.shape
+    xp = np.zeros((F, H + 2, W + 2, C), dtype=x.dtype)
+    xp[:, 1:-1, 1:-1] = x
+    out = np.empty_like(x)
+    out[...] = bias
+    for i in range(3):
+        for j in range(3):
+            out += xp[:, i:i + H, j:j + W] * weight[:, i, j]
+    return out
+
+
+def bias_silu_(x: np.ndarray, bias: np.ndarray) -> None:
+    """In place: x = silu(x + bias), silu(u) = u * sigmoid(u).   x [..., C]; bias [C]."""
+    x += bias
+    with np.errstate(over="ignore"):                          # exp(-u) -> inf gives silu -> 0
+        x /= 1.0 + np.exp(-x)
+
+
+def silu_gate(x: np.ndarray) -> np.ndarray:
+    """GLU with a SiLU gate: first half of the channels times silu(second half).
+
+    x [..., 2F] -> [..., F].
+    """
+    F = x.shape[-1] // 2
+    value, gate = x[..., :F], x[..., F:]
+    with np.errstate(over="ignore"):
+        return value * gate / (1.0 + np.exp(-gate))
