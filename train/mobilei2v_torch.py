@@ -14,6 +14,7 @@ Differences from the official class that do not change the float32 maths (spec Â
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Mapping, Sequence
 
@@ -139,9 +140,8 @@ class ConvLayer(nn.Module):
 class GLUMBConv(nn.Module):
     """1x1 conv + SiLU, depthwise 3x3 per latent frame, SiLU-gated GLU, 1x1 conv (no bias)."""
 
-    def __init__(self, hidden_size: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden_size: int, ffn: int) -> None:
         super().__init__()
-        ffn = int(hidden_size * mlp_ratio)
         self.inverted_conv = ConvLayer(hidden_size, 2 * ffn, 1)
         self.depth_conv = ConvLayer(2 * ffn, 2 * ffn, 3, groups=2 * ffn)
         self.point_conv = ConvLayer(ffn, hidden_size, 1, bias=False)
@@ -210,11 +210,11 @@ class SoftmaxAttention(nn.Module):
 class MobileI2VBlock(nn.Module):
     """adaLN-single block: modulated attention then modulated GLUMBConv, both gated residuals."""
 
-    def __init__(self, hidden_size: int, head_dim: int, mlp_ratio: float, softmax: bool) -> None:
+    def __init__(self, hidden_size: int, head_dim: int, mlp_hidden_size: int, softmax: bool) -> None:
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))
         self.attn = SoftmaxAttention(hidden_size, head_dim) if softmax else LiteLA(hidden_size, head_dim)
-        self.mlp = GLUMBConv(hidden_size, mlp_ratio)
+        self.mlp = GLUMBConv(hidden_size, mlp_hidden_size)
 
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid: Grid
@@ -253,7 +253,7 @@ class MobileI2VDenoiser(nn.Module):
         out_channels: int | None = None,
         hidden_size: int = 1152,
         head_dim: int = 72,
-        mlp_ratio: float = 2.5,
+        mlp_hidden_size: int = 2880,
         num_blocks: int = 16,
         softmax_blocks: Sequence[int] = (7, 15),
         freq_dim: int = 256,
@@ -279,15 +279,17 @@ class MobileI2VDenoiser(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.flow_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.blocks = nn.ModuleList(
-            MobileI2VBlock(hidden_size, head_dim, mlp_ratio, softmax=i in self.softmax_blocks)
+            MobileI2VBlock(hidden_size, head_dim, mlp_hidden_size, softmax=i in self.softmax_blocks)
             for i in range(num_blocks)
         )
         self.final_layer = FinalLayer(hidden_size, self.out_channels)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "MobileI2VDenoiser":
-        """Build from a dict with the constructor's keyword names (unknown keys raise TypeError)."""
-        return cls(**cfg)
+        """Build from a tinyi2v transformer config.json (the runtime's own config): the
+        constructor's keywords are read from it, the runtime-only keys are ignored."""
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in cfg.items() if k in names})
 
     def load_official_state_dict(self, state_dict: Mapping[str, torch.Tensor]):
         """Load an official `Mobiledit` state dict: drop its dead entries, then load strictly."""

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tinyi2v.convert import mobilei2v_config  # noqa: E402
 from train.mobilei2v_torch import MobileI2VDenoiser, init_random_  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -18,41 +19,17 @@ TOLERANCE = 1e-4  # fixture README: float32 port bar, ~40x the official float32-
 LIVE_PARAMS_300M = 264_855_296  # spec §9: 267,218,048 minus the dead caption path
 
 
-def _config_from_official(state_dict: dict[str, torch.Tensor]) -> dict:
-    """Read the geometry back from an official checkpoint's shapes (head_dim is fixed at 72)."""
-    hidden, in_channels = state_dict["x_embedder.proj.weight"].shape[:2]
-    num_blocks = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
-    ffn = state_dict["blocks.0.mlp.point_conv.conv.weight"].shape[1]
-    return {
-        "in_channels": in_channels,
-        "out_channels": state_dict["final_layer.linear.weight"].shape[0],
-        "hidden_size": hidden,
-        "head_dim": 72,
-        "mlp_ratio": ffn / hidden,
-        "num_blocks": num_blocks,
-        "softmax_blocks": tuple(i for i in range(num_blocks) if f"blocks.{i}.attn.qkv.bias" in state_dict),
-        "freq_dim": state_dict["t_embedder.mlp.0.weight"].shape[1],
-    }
-
-
 @pytest.fixture(scope="module")
 def tiny_model() -> MobileI2VDenoiser:
     weights = FIXTURE / "mobiledit-tiny-random.pth"
     if not weights.exists():
         pytest.skip(f"parity fixture missing: {weights}")
     state_dict = torch.load(weights, weights_only=True)["state_dict"]
-    config = _config_from_official(state_dict)
+    config = mobilei2v_config({key: tuple(value.shape) for key, value in state_dict.items()})
     # Geometry stated in the fixture README.
-    assert config == {
-        "in_channels": 32,
-        "out_channels": 32,
-        "hidden_size": 144,
-        "head_dim": 72,
-        "mlp_ratio": 2.5,
-        "num_blocks": 16,
-        "softmax_blocks": (7, 15),
-        "freq_dim": 256,
-    }
+    assert (config["in_channels"], config["out_channels"], config["hidden_size"],
+            config["mlp_hidden_size"], config["num_blocks"], config["softmax_blocks"]) == \
+        (32, 32, 144, 360, 16, [7, 15])
     model = MobileI2VDenoiser.from_config(config)
     model.load_official_state_dict(state_dict)
     return model.eval()

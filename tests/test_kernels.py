@@ -1,0 +1,99 @@
+"""Every numba kernel against its separately written numpy twin, over random shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tinyi2v.ops import numpy_ops as ref
+
+numba_ops = pytest.importorskip("tinyi2v.ops.numba_ops", exc_type=ImportError)
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+dims = st.integers(1, 7)
+fast = settings(max_examples=25, deadline=None)
+
+
+def arrays(seed, *shapes, low=-3.0, high=3.0):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(low, high, s).astype(np.float32) for s in shapes]
+
+
+@fast
+@given(B=st.integers(1, 3), N=dims, C=st.integers(1, 40), R=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_layernorm_modulate(B, N, C, R, seed):
+    x, shift, scale = arrays(seed, (B, N, C), (B, R, C), (B, R, C))
+    index = np.random.default_rng(seed).integers(0, R, (B, N))
+    np.testing.assert_allclose(numba_ops.layernorm_modulate(x, shift, scale, index),
+                               ref.layernorm_modulate(x, shift, scale, index), **TOL)
+
+
+@fast
+@given(B=st.integers(1, 3), N=dims, C=st.integers(1, 40), R=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_gated_add(B, N, C, R, seed):
+    h, y, gate = arrays(seed, (B, N, C), (B, N, C), (B, R, C))
+    index = np.random.default_rng(seed).integers(0, R, (B, N))
+    h1, h2 = h.copy(), h.copy()
+    numba_ops.gated_add_(h1, y, gate, index)
+    ref.gated_add_(h2, y, gate, index)
+    np.testing.assert_allclose(h1, h2, **TOL)
+
+
+@fast
+@given(B=st.integers(1, 2), N=dims, heads=st.integers(1, 3), K=st.integers(1, 12),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_rope3d(B, N, heads, K, relu, seed):
+    x, angles = arrays(seed, (B, N, heads, 6 * K), (N, 3, K), low=-10, high=10)
+    cos, sin = np.cos(angles), np.sin(angles)
+    np.testing.assert_allclose(numba_ops.rope3d(x, cos, sin, relu), ref.rope3d(x, cos, sin, relu), **TOL)
+
+
+@fast
+@given(B=st.integers(1, 2), N=dims, heads=st.integers(1, 3), D=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_linear_attention(B, N, heads, D, seed):
+    q, k, v = arrays(seed, (B, N, heads, D), (B, N, heads, D), (B, N, heads, D))
+    q, k = np.maximum(q, 0), np.maximum(k, 0)        # the op receives ReLU features
+    np.testing.assert_allclose(numba_ops.linear_attention(q, k, v, 1e-8),
+                               ref.linear_attention(q, k, v, 1e-8), rtol=1e-4, atol=1e-4)
+
+
+@fast
+@given(F=st.integers(1, 3), H=dims, W=dims, C=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_depthwise_conv3x3(F, H, W, C, seed):
+    x, w, b = arrays(seed, (F, H, W, C), (C, 3, 3), (C,))
+    np.testing.assert_allclose(numba_ops.depthwise_conv3x3(x, w, b), ref.depthwise_conv3x3(x, w, b), **TOL)
+
+
+@fast
+@given(R=dims, C=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_bias_silu(R, C, seed):
+    x, b = arrays(seed, (R, 3, C), (C,), low=-100, high=100)   # large |x|: exp overflow path
+    x1, x2 = x.copy(), x.copy()
+    numba_ops.bias_silu_(x1, b)
+    ref.bias_silu_(x2, b)
+    np.testing.assert_allclose(x1, x2, **TOL)
+
+
+@fast
+@given(R=dims, F=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_silu_gate(R, F, seed):
+    (x,) = arrays(seed, (R, 2, 2 * F), low=-100, high=100)
+    np.testing.assert_allclose(numba_ops.silu_gate(x), ref.silu_gate(x), **TOL)
+
+
+def test_depthwise_conv3x3_matches_direct_definition():
+    """The numpy kernel itself against a direct zero-padded convolution sum."""
+    x, w, b = arrays(1, (2, 4, 5, 3), (3, 3, 3), (3,))
+    expect = np.empty_like(x)
+    for f in range(2):
+        for i in range(4):
+            for j in range(5):
+                for c in range(3):
+                    s = b[c]
+                    for di in range(3):
+                        for dj in range(3):
+                            ii, jj = i + di - 1, j + dj - 1
+                            if 0 <= ii < 4 and 0 <= jj < 5:
+                                s += x[f, ii, jj, c] * w[c, di, dj]
+                    expect[f, i, j, c] = s
+    np.testing.assert_allclose(ref.depthwise_conv3x3(x, w, b), expect, rtol=1e-5, atol=1e-5)
