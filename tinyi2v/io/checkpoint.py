@@ -5,7 +5,7 @@ Since torch 1.6, `torch.save` writes a zip archive whose entries all sit under o
     <archive>/data.pkl              the saved object as a pickle (protocol 2)
     <archive>/data/<key>            one raw storage per key: the elements back to back,
                                     stored uncompressed, byte order given by `byteorder`
-    <archive>/byteorder             "little" or "big" (absent in old files: little)
+    <archive>/byteorder             "little" or "big" (absent in older files: little)
     <archive>/.format_version, version, .storage_alignment, .data/serialization_id
                                     bookkeeping we do not need
 
@@ -19,8 +19,8 @@ untrusted checkpoint that way can run arbitrary code. Instead:
 
 1. the opcodes are checked first without running them (`pickletools.genops`): only opcodes
    that build plain data are allowed, memo indices must be dense and nesting bounded, since
-   the C unpickler would otherwise allocate gigabytes for a huge memo index or crash hashing
-   a deeply nested tuple;
+   the C unpickler would otherwise allocate gigabytes for one huge memo index, or crash
+   hashing a deeply nested tuple;
 2. the unpickler resolves globals from a short allow-list only, and maps each to our own
    numpy-building functions, never to the real torch objects.
 
@@ -34,6 +34,7 @@ import os
 import pickle
 import pickletools
 import struct
+import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -70,12 +71,13 @@ class _Sealed:
 class _StorageType(_Sealed):
     """Stands for `torch.FloatStorage` etc.; only ever used inside persistent ids."""
 
-    __slots__ = ("name", "dtype", "out_dtype", "convert")
+    __slots__ = ("dtype", "out_dtype", "convert")
 
-    def __init__(self, name: str, dtype: str, out_dtype: str, convert: Callable[[np.ndarray], np.ndarray] | None):
-        self.name = name
+    def __init__(
+        self, dtype: str, out_dtype: str, convert: Callable[[np.ndarray], np.ndarray] | None
+    ):
         self.dtype = np.dtype(dtype)  # as stored
-        self.out_dtype = np.dtype(out_dtype)  # as returned, made by `convert` when they differ
+        self.out_dtype = np.dtype(out_dtype)  # as returned; `convert` makes it when they differ
         self.convert = convert
 
 
@@ -89,7 +91,10 @@ class _Global(_Sealed):
         self.fn = fn
 
     def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
+        try:
+            return self.fn(*args)
+        except TypeError as exc:  # a wrong number of arguments
+            raise FormatError(f"bad call of {self.name}: {exc}") from None
 
 
 class _Storage(_Sealed):
@@ -120,19 +125,16 @@ def _nonzero(raw: np.ndarray) -> np.ndarray:
 
 
 _STORAGE_TYPES = {
-    name: _StorageType(name, dtype, out_dtype, convert)
-    for name, dtype, out_dtype, convert in [
-        ("FloatStorage", "f4", "f4", None),
-        ("HalfStorage", "f2", "f2", None),
-        ("BFloat16Storage", "u2", "f4", _bf16_to_f32),
-        ("DoubleStorage", "f8", "f8", None),
-        ("LongStorage", "i8", "i8", None),
-        ("IntStorage", "i4", "i4", None),
-        ("ShortStorage", "i2", "i2", None),
-        ("CharStorage", "i1", "i1", None),
-        ("ByteStorage", "u1", "u1", None),
-        ("BoolStorage", "u1", "?", _nonzero),
-    ]
+    "FloatStorage": _StorageType("f4", "f4", None),
+    "HalfStorage": _StorageType("f2", "f2", None),
+    "BFloat16Storage": _StorageType("u2", "f4", _bf16_to_f32),
+    "DoubleStorage": _StorageType("f8", "f8", None),
+    "LongStorage": _StorageType("i8", "i8", None),
+    "IntStorage": _StorageType("i4", "i4", None),
+    "ShortStorage": _StorageType("i2", "i2", None),
+    "CharStorage": _StorageType("i1", "i1", None),
+    "ByteStorage": _StorageType("u1", "u1", None),
+    "BoolStorage": _StorageType("u1", "?", _nonzero),
 }
 
 
@@ -142,7 +144,7 @@ def _is_int(x: object) -> bool:
 
 def _check_dims(what: str, dims: object) -> tuple[int, ...]:
     if not isinstance(dims, tuple) or len(dims) > _MAX_NDIM:
-        raise FormatError(f"{what} must be a tuple of at most {_MAX_NDIM} integers, not {dims!r:.80}")
+        raise FormatError(f"{what} must be a tuple of at most {_MAX_NDIM} integers: {dims!r:.80}")
     if not all(_is_int(d) and 0 <= d < _MAX_INT for d in dims):
         raise FormatError(f"{what} {dims!r:.80} must hold non-negative integers")
     return dims
@@ -179,7 +181,9 @@ def _tensor(storage: object, offset: object, size: object, stride: object) -> np
             "(expanded or overlapping views are not supported)"
         )
     itemsize = flat.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * itemsize for s in stride])
+    view = np.lib.stride_tricks.as_strided(
+        flat[offset:], shape=size, strides=[s * itemsize for s in stride]
+    )
     # A contiguous view shares the storage's buffer (as views do in torch); others are copied.
     arr = view if view.flags.c_contiguous else view.copy()
     if not arr.dtype.isnative:
@@ -200,7 +204,9 @@ def _rebuild_tensor_v2(
     return _tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor(storage: object, storage_offset: object, size: object, stride: object) -> np.ndarray:
+def _rebuild_tensor(
+    storage: object, storage_offset: object, size: object, stride: object
+) -> np.ndarray:
     return _tensor(storage, storage_offset, size, stride)
 
 
@@ -210,96 +216,118 @@ def _rebuild_parameter(data: object, requires_grad: object, backward_hooks: obje
     return data
 
 
-_GLOBALS: dict[tuple[str, str], object] = {
-    ("collections", "OrderedDict"): _Global("collections.OrderedDict", OrderedDict),
-    ("torch._utils", "_rebuild_tensor_v2"): _Global("torch._utils._rebuild_tensor_v2", _rebuild_tensor_v2),
-    ("torch._utils", "_rebuild_tensor"): _Global("torch._utils._rebuild_tensor", _rebuild_tensor),
-    ("torch._utils", "_rebuild_parameter"): _Global("torch._utils._rebuild_parameter", _rebuild_parameter),
-    **{("torch", name): stype for name, stype in _STORAGE_TYPES.items()},
-}
+def _allowed(module: str, name: str, fn: Callable[..., Any]) -> tuple[tuple[str, str], _Global]:
+    return (module, name), _Global(f"{module}.{name}", fn)
+
+
+_GLOBALS: dict[tuple[str, str], _Sealed] = dict(
+    [
+        _allowed("collections", "OrderedDict", OrderedDict),
+        _allowed("torch._utils", "_rebuild_tensor_v2", _rebuild_tensor_v2),
+        _allowed("torch._utils", "_rebuild_tensor", _rebuild_tensor),
+        _allowed("torch._utils", "_rebuild_parameter", _rebuild_parameter),
+        *((("torch", name), stype) for name, stype in _STORAGE_TYPES.items()),
+    ]
+)
 
 # Opcodes that only build plain data. Left out: INST, OBJ, NEWOBJ, NEWOBJ_EX (instantiate
 # classes), EXT1/2/4 (fetch globals from the copyreg registry, bypassing find_class), PERSID
-# (text persistent ids; torch writes tuples) and NEXT_BUFFER/READONLY_BUFFER (out-of-band data).
+# (text persistent ids; torch writes tuples), NEXT_BUFFER/READONLY_BUFFER (out-of-band data)
+# and STRING/BINSTRING/SHORT_BINSTRING (Python 2 str, never written by Python 3).
 _ATOM_OPS = frozenset(
     "NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 FLOAT BINFLOAT "
-    "STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 "
-    "BINBYTES SHORT_BINBYTES BINBYTES8 BYTEARRAY8 EMPTY_TUPLE EMPTY_LIST EMPTY_DICT EMPTY_SET "
-    "GLOBAL".split()
+    "UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES SHORT_BINBYTES BINBYTES8 "
+    "BYTEARRAY8 EMPTY_TUPLE EMPTY_LIST EMPTY_DICT EMPTY_SET GLOBAL".split()
 )
-_MARK = -1  # stands for a MARK on the simulated stack (real items have depth >= 0)
+
+
+class _OpcodeCheck:
+    """Replays a pickle's stack effects on nesting depths only, executing nothing.
+
+    Marks are kept apart from the stack, as the C unpickler keeps them, so that popping across
+    a mark is refused here exactly when it is refused there.
+    """
+
+    def __init__(self) -> None:
+        self.stack: list[int] = []  # nesting depth of each item
+        self.marks: list[int] = []  # stack length at each open MARK
+        self.memo: dict[int, int] = {}
+
+    def pop(self) -> int:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise FormatError("data.pkl: stack underflow")
+        return self.stack.pop()
+
+    def pop_mark(self) -> list[int]:
+        if not self.marks:
+            raise FormatError("data.pkl: missing MARK")
+        at = self.marks.pop()
+        items = self.stack[at:]
+        del self.stack[at:]
+        return items
+
+    def peek(self) -> int:
+        depth = self.pop()
+        self.stack.append(depth)
+        return depth
+
+    def push(self, depth: int) -> None:
+        if depth > _MAX_NESTING:
+            raise FormatError(f"data.pkl: nesting too deep (over {_MAX_NESTING} levels)")
+        self.stack.append(depth)
+
+    def grow(self, items: list[int]) -> None:
+        """APPEND(S)/SETITEM(S)/ADDITEMS/BUILD: the items go into the container below them."""
+        self.push(max(self.pop(), 1 + max(items, default=0)))
+
+    def step(self, name: str, arg: Any) -> None:
+        if name in _ATOM_OPS:
+            self.push(0)
+        elif name == "MARK":
+            self.marks.append(len(self.stack))
+        elif name in ("TUPLE", "LIST", "DICT", "FROZENSET"):
+            self.push(1 + max(self.pop_mark(), default=0))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            self.push(1 + max(self.pop() for _ in range(int(name[-1]))))
+        elif name in ("REDUCE", "STACK_GLOBAL"):
+            self.push(1 + max(self.pop(), self.pop()))
+        elif name == "BINPERSID":
+            self.push(1 + self.pop())
+        elif name in ("APPENDS", "SETITEMS", "ADDITEMS"):
+            self.grow(self.pop_mark())
+        elif name in ("APPEND", "BUILD"):
+            self.grow([self.pop()])
+        elif name == "SETITEM":
+            self.grow([self.pop(), self.pop()])
+        elif name == "POP":
+            self.pop()
+        elif name == "POP_MARK":
+            self.pop_mark()
+        elif name == "DUP":
+            self.push(self.peek())
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            index = len(self.memo) if name == "MEMOIZE" else arg
+            # Picklers number memo slots 0, 1, 2, ...; a far-off index makes the C unpickler
+            # allocate (and zero) a memo table that large: 32 GiB for a 10-byte pickle.
+            if index > len(self.memo):
+                raise FormatError(f"data.pkl: memo index {index} out of sequence")
+            self.memo[index] = self.peek()
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in self.memo:
+                raise FormatError(f"data.pkl: memo index {arg} was never stored")
+            self.push(self.memo[arg])
+        elif name not in ("PROTO", "FRAME", "STOP"):
+            raise FormatError(f"data.pkl: refusing pickle opcode {name}: {_NOT_ALLOWED}")
 
 
 def _check_opcodes(data: bytes) -> None:
-    """Run the pickle's stack effects on nesting depths only, executing nothing."""
-    stack: list[int] = []
-    memo: dict[int, int] = {}
-
-    def pop() -> int:
-        if not stack or stack[-1] == _MARK:
-            raise FormatError("data.pkl: stack underflow")
-        return stack.pop()
-
-    def pop_mark() -> list[int]:
-        if _MARK not in stack:
-            raise FormatError("data.pkl: missing MARK")
-        at = len(stack) - 1 - stack[::-1].index(_MARK)
-        items = stack[at + 1 :]
-        del stack[at:]
-        return items
-
-    def peek() -> int:
-        depth = pop()
-        stack.append(depth)
-        return depth
-
-    def push(depth: int) -> None:
-        if depth > _MAX_NESTING:
-            raise FormatError(f"data.pkl: nesting too deep (over {_MAX_NESTING} levels)")
-        stack.append(depth)
-
-    def grow(items: list[int]) -> None:  # APPEND/SETITEM/BUILD into the container below
-        push(max(pop(), 1 + max(items, default=0)))
-
-    for op, arg, _pos in pickletools.genops(data):
-        name = op.name
-        if name in _ATOM_OPS:
-            push(0)
-        elif name == "MARK":
-            stack.append(_MARK)
-        elif name in ("TUPLE", "LIST", "DICT", "FROZENSET"):
-            push(1 + max(pop_mark(), default=0))
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            push(1 + max(pop() for _ in range(int(name[-1]))))
-        elif name == "REDUCE" or name == "STACK_GLOBAL":
-            push(1 + max(pop(), pop()))
-        elif name == "BINPERSID":
-            push(1 + pop())
-        elif name in ("APPENDS", "SETITEMS", "ADDITEMS"):
-            grow(pop_mark())
-        elif name == "APPEND" or name == "BUILD":
-            grow([pop()])
-        elif name == "SETITEM":
-            grow([pop(), pop()])
-        elif name == "POP":
-            pop()
-        elif name == "POP_MARK":
-            pop_mark()
-        elif name == "DUP":
-            push(peek())
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            index = len(memo) if name == "MEMOIZE" else arg
-            # Picklers number memo slots 0, 1, 2, ...; a far-off index makes the C unpickler
-            # allocate (and zero) a memo table that large.
-            if index > len(memo):
-                raise FormatError(f"data.pkl: memo index {index} out of sequence")
-            memo[index] = peek()
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            if arg not in memo:
-                raise FormatError(f"data.pkl: memo index {arg} was never stored")
-            push(memo[arg])
-        elif name not in ("PROTO", "FRAME", "STOP"):
-            raise FormatError(f"data.pkl: refusing pickle opcode {name}: {_NOT_ALLOWED}")
+    check = _OpcodeCheck()
+    with warnings.catch_warnings():
+        # genops decodes an argument before we see its opcode: a STRING opcode (refused by
+        # step) with a bad escape sequence would otherwise warn, or raise under `-W error`.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for op, arg, _pos in pickletools.genops(data):
+            check.step(op.name, arg)
 
 
 class _ArchiveReader:
@@ -310,25 +338,27 @@ class _ArchiveReader:
         pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             found = "no" if not pickles else "several"
-            raise FormatError(f"{found} <archive>/data.pkl in the zip: not a torch.save checkpoint")
+            raise FormatError(f"{found} <archive>/data.pkl in the zip: not a torch.save file")
         self.prefix = pickles[0][: -len("data.pkl")]
         self.byteorder = self._byteorder()
         self._cache: dict[str, bytearray] = {}
 
     def _byteorder(self) -> str:
         try:
-            text = self.zf.read(self.prefix + "byteorder")
+            text = self.zf.read(self.prefix + "byteorder").strip()
         except KeyError:
-            return "<"  # written since torch 1.11; older files are little-endian
+            return "<"  # older torch wrote no byteorder record, and only little-endian
         orders = {b"little": "<", b"big": ">"}
-        if text.strip() not in orders:
+        if text not in orders:
             raise FormatError(f"unknown byteorder {text[:20]!r}")
-        return orders[text.strip()]
+        return orders[text]
 
     def pickle_bytes(self) -> bytes:
         info = self.zf.getinfo(self.prefix + "data.pkl")
         if info.file_size > _MAX_PICKLE_BYTES:
-            raise FormatError(f"data.pkl is {info.file_size} bytes, over the {_MAX_PICKLE_BYTES} limit")
+            raise FormatError(
+                f"data.pkl is {info.file_size} bytes, over the {_MAX_PICKLE_BYTES}-byte limit"
+            )
         with self.zf.open(info) as f:
             data = f.read(_MAX_PICKLE_BYTES + 1)  # the header's size may lie
         if len(data) > _MAX_PICKLE_BYTES:
@@ -336,19 +366,20 @@ class _ArchiveReader:
         return data
 
     def storage_bytes(self, key: str, nbytes: int) -> bytearray:
-        name = f"{self.prefix}data/{key}"
         try:
-            info = self.zf.getinfo(name)
+            info = self.zf.getinfo(f"{self.prefix}data/{key}")
         except KeyError:
             raise FormatError(f"storage 'data/{key}' is missing from the archive") from None
         if info.file_size != nbytes:
-            raise FormatError(f"storage 'data/{key}' holds {info.file_size} bytes, expected {nbytes}")
+            raise FormatError(
+                f"storage 'data/{key}' holds {info.file_size} bytes, expected {nbytes}"
+            )
         # torch stores storages uncompressed; refusing compression rules out zip bombs, since
         # the bytes we allocate are then bytes really present in the file.
         if info.compress_type != zipfile.ZIP_STORED:
-            raise FormatError(f"storage 'data/{key}' is compressed; torch.save never compresses storages")
+            raise FormatError(f"storage 'data/{key}' is compressed, which torch.save never does")
         if key not in self._cache:
-            buf = bytearray(nbytes)
+            buf = bytearray(nbytes)  # writable, so that the arrays viewing it are too
             with self.zf.open(info) as f:
                 got = f.readinto(buf)  # reading to the end also checks the CRC
             if got != nbytes:
@@ -371,8 +402,9 @@ class _Unpickler(pickle.Unpickler):
             raise FormatError(f"refusing to load '{module}.{name}': {_NOT_ALLOWED}") from None
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[0], str) and pid[0] == "storage"):
-            raise FormatError(f"unsupported persistent id {pid!r:.80}: only ('storage', ...) tuples are allowed")
+        is_storage = isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[0], str)
+        if not (is_storage and pid[0] == "storage"):
+            raise FormatError(f"unsupported persistent id {pid!r:.80}: only storages are allowed")
         _, stype, key, _location, numel = pid  # the location (cpu, cuda:0) does not matter here
         if not isinstance(stype, _StorageType):
             raise FormatError(f"persistent id names {stype!r:.80}, not a storage type")
@@ -386,8 +418,8 @@ _CONTAINERS = (dict, list, tuple, set, frozenset)
 
 
 def _check_result(obj: object) -> None:
-    """Refuse leftovers of the unpickling machinery (a bare storage, an unused global) and
-    nesting built up by mutation after the opcode check; iterative, so depth cannot crash it."""
+    """Refuse leftovers of the unpickling machinery (a bare storage or global), and nesting
+    built by mutation, which the opcode check cannot see. Iterative, so depth cannot crash it."""
     seen: set[int] = set()
     todo = [(obj, 0)]
     while todo:
@@ -395,7 +427,7 @@ def _check_result(obj: object) -> None:
         if isinstance(item, _LEAVES):
             continue
         if not isinstance(item, _CONTAINERS):
-            raise FormatError(f"unexpected {type(item).__name__} in the checkpoint: {_NOT_ALLOWED}")
+            raise FormatError(f"unexpected {type(item).__name__} in the file: {_NOT_ALLOWED}")
         if depth >= _MAX_NESTING:
             raise FormatError(f"nesting too deep (over {_MAX_NESTING} levels)")
         if id(item) in seen:
@@ -413,6 +445,7 @@ _BAD_FILE_ERRORS = (
     zlib.error,
     struct.error,
     EOFError,
+    OSError,  # zipfile seeking to a corrupt offset in the already opened file
     ValueError,
     TypeError,
     KeyError,
@@ -426,33 +459,40 @@ _BAD_FILE_ERRORS = (
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Load a `torch.save` zip checkpoint: its object with every tensor as a numpy array.
 
-    Containers come back as dict (OrderedDict where torch saved one), list and tuple; leaves are
-    str, int, float, bool, None and np.ndarray (bfloat16 as float32, everything else in its own
-    dtype). Arrays that were views of one storage may share memory, as the tensors did.
-    Raises FormatError for anything that is not a plain checkpoint of tensors and containers.
+    Containers come back as dict (OrderedDict where torch saved one), list and tuple; leaves
+    are str, int, float, bool, None and np.ndarray (bfloat16 as float32, everything else in its
+    own dtype). Arrays that were views of one storage may share memory, as the tensors did.
+    Raises FormatError for anything that is not a plain checkpoint of tensors and containers;
+    a missing or unreadable file raises OSError as usual.
     """
     where = str(path)
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise FormatError(
-            f"{where}: not a zip archive; only the zip checkpoint format (torch.save since "
-            "torch 1.6) is supported, not the legacy format or other files"
-        ) from None
-    with zf:
+    with open(path, "rb") as file:
         try:
-            reader = _ArchiveReader(zf)
-            data = reader.pickle_bytes()
-            _check_opcodes(data)
-            obj = _Unpickler(data, reader).load()
-            _check_result(obj)
-            return obj
+            return _load(file)
         except FormatError as exc:
             raise FormatError(f"{where}: {exc}") from None
         except RecursionError:
             raise FormatError(f"{where}: nesting too deep") from None
         except _BAD_FILE_ERRORS as exc:
-            raise FormatError(f"{where}: malformed checkpoint ({type(exc).__name__}: {exc})") from None
+            kind = type(exc).__name__
+            raise FormatError(f"{where}: malformed checkpoint ({kind}: {exc})") from None
+
+
+def _load(file: io.BufferedReader) -> Any:
+    try:
+        zf = zipfile.ZipFile(file)
+    except zipfile.BadZipFile:
+        raise FormatError(
+            "not a zip archive; only the zip checkpoint format (torch.save since torch 1.6) "
+            "is supported, not the legacy format or other files"
+        ) from None
+    with zf:
+        reader = _ArchiveReader(zf)
+        data = reader.pickle_bytes()
+        _check_opcodes(data)
+        obj = _Unpickler(data, reader).load()
+    _check_result(obj)
+    return obj
 
 
 def state_dict_from_checkpoint(obj: object) -> dict[str, np.ndarray]:
@@ -471,5 +511,6 @@ def state_dict_from_checkpoint(obj: object) -> dict[str, np.ndarray]:
         if not isinstance(key, str):
             raise FormatError(f"state dict key {key!r:.80} is not a string")
         if not isinstance(value, np.ndarray):
-            raise FormatError(f"state dict entry {key!r:.80} is a {type(value).__name__}, not a tensor")
+            kind = type(value).__name__
+            raise FormatError(f"state dict entry {key!r:.80} is a {kind}, not a tensor")
     return dict(obj)
