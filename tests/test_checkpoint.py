@@ -407,8 +407,8 @@ def test_truncated_zip(tmp_path, good_file):
             load_checkpoint(path)
 
 
-def test_missing_file_is_not_a_format_error(tmp_path):
-    with pytest.raises(FileNotFoundError):
+def test_missing_file_is_a_format_error_naming_it(tmp_path):
+    with pytest.raises(FormatError, match="absent.pth: cannot open"):
         load_checkpoint(tmp_path / "absent.pth")
 
 

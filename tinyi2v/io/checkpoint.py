@@ -462,11 +462,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     Containers come back as dict (OrderedDict where torch saved one), list and tuple; leaves
     are str, int, float, bool, None and np.ndarray (bfloat16 as float32, everything else in its
     own dtype). Arrays that were views of one storage may share memory, as the tensors did.
-    Raises FormatError for anything that is not a plain checkpoint of tensors and containers;
-    a missing or unreadable file raises OSError as usual.
+    Raises FormatError for anything that is not a plain checkpoint of tensors and containers,
+    and for a missing or unreadable file (the one error class callers need to catch).
     """
     where = str(path)
-    with open(path, "rb") as file:
+    try:
+        file = open(path, "rb")
+    except OSError as exc:
+        raise FormatError(f"{where}: cannot open ({exc.strerror or exc})") from None
+    with file:
         try:
             return _load(file)
         except FormatError as exc:

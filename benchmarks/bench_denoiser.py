@@ -1,0 +1,174 @@
+"""Benchmark one MobileI2V denoiser forward: tinyi2v (numpy / numba) beside our torch reference.
+
+    python benchmarks/bench_denoiser.py                  # official 300M shapes, 1x128x3x23x40
+    python benchmarks/bench_denoiser.py --threads 2 --repeat 3
+
+Builds a random-weight model with the official shapes (FP16 on disk, as tinyi2v ships models),
+then runs each contender in its own process (so peak RSS is its own) on the same inputs, and
+prints seconds per forward, achieved GFLOP/s (1437.4 useful GFLOP at 2760 tokens, spec §10),
+peak RSS, and the sgemm rate of this machine measured in the same run. Not a test: timings on a
+shared machine are noisy, so compare the ratios of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GRID = (3, 23, 40)                 # 1280x720x17 -> 2760 tokens
+USEFUL_GFLOP = 1437.4              # per forward at 2760 tokens, t/flow rows deduplicated (§10)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def inputs():
+    import numpy as np
+    from tinyi2v.rng import gaussian_noise
+    from tinyi2v.sampler import guide_mask
+
+    x = gaussian_noise(0, (1, 128) + GRID)
+    return x, np.array([988.27136], np.float32), guide_mask(x.shape), np.array([2.0], np.float32)
+
+
+def build_model(folder: Path, seed: int) -> None:
+    """Random weights with the official 300M shapes, written as an FP16 component folder."""
+    import numpy as np
+    from tinyi2v.denoiser import official_config, param_shapes
+    from tinyi2v.weights import save_component
+
+    cfg = official_config()
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in param_shapes(cfg).items():
+        fan_in = int(np.prod(shape[1:])) or 1
+        std = 0.2 if name.endswith(("scale_shift_table", "bias")) else fan_in ** -0.5
+        a = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        tensors[name] = a + 1 if name.endswith("norm.weight") else a
+    save_component(folder, cfg, tensors, dtype="F16")
+
+
+def worker(kind: str, model: str, repeat: int, out: str) -> None:
+    """Run `repeat` forwards in this process; print one JSON line with the timings."""
+    import numpy as np
+
+    if kind == "sgemm":
+        return print(json.dumps({"gflops": sgemm_gflops()}))
+    x, t, mask, flow = inputs()
+    if kind == "torch":
+        import torch
+
+        from tinyi2v.weights import Component
+        from train.mobilei2v_torch import MobileI2VDenoiser
+
+        comp = Component(model)
+        net = MobileI2VDenoiser.from_config(comp.config)
+        net.load_state_dict({k: torch.from_numpy(comp[k].copy()) for k in comp})
+        net.eval()
+        args = [torch.from_numpy(a) for a in (x, t, mask, flow)]
+
+        def forward():
+            with torch.inference_mode():
+                return net(*args).numpy()
+    else:
+        import tinyi2v
+        from tinyi2v import ops
+
+        ops.set_backend(kind)
+        f = tinyi2v.load_denoiser(model)
+
+        def forward():
+            return f(x, t, mask, flow)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        v = forward()
+        times.append(time.perf_counter() - start)
+    np.save(out, v)
+    print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb()}))
+
+
+def sgemm_gflops() -> float:
+    """This machine's numpy FP32 matmul rate on the denoiser's biggest GEMM shape (2760x1152 @
+    1152x5760), best of 5."""
+    import numpy as np
+
+    a = np.random.rand(2760, 1152).astype(np.float32)
+    b = np.random.rand(1152, 5760).astype(np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * 2760 * 1152 * 5760 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=2, help="forwards per contender (first is warm-up)")
+    ap.add_argument("--contenders", default="numba,numpy,torch")
+    ap.add_argument("--model", help="an existing transformer folder (default: build a random one)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.model, args.repeat, args.out)
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "NUMBA_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if not model:
+            model = str(Path(tmp) / "transformer")
+            print("building random-weight model with the official 300M shapes (FP16) ...")
+            build_model(Path(model), seed=0)
+        # sgemm in a child too, so it runs under the same thread settings
+        rate = json.loads(subprocess.run([sys.executable, __file__, "--worker", "sgemm"], env=env,
+                                         capture_output=True, text=True, check=True).stdout)["gflops"]
+        print(f"machine: {os.cpu_count()} cores, {args.threads} threads; numpy sgemm "
+              f"{rate:.0f} GFLOP/s on 2760x1152 @ 1152x5760")
+        results, outputs = {}, {}
+        for kind in args.contenders.split(","):
+            out = str(Path(tmp) / f"{kind}.npy")
+            run = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", model,
+                                  "--repeat", str(args.repeat), "--out", out],
+                                 env=env, capture_output=True, text=True)
+            if run.returncode:
+                print(f"{kind}: failed\n{run.stderr[-2000:]}")
+                continue
+            results[kind] = json.loads(run.stdout.strip().splitlines()[-1])
+            outputs[kind] = out
+        import numpy as np
+
+        print(f"\none forward, batch 1, {GRID[0]}x{GRID[1]}x{GRID[2]} = 2760 tokens, "
+              f"{USEFUL_GFLOP} GFLOP")
+        print(f"{'contender':<10} {'first s':>8} {'best s':>8} {'GFLOP/s':>8} {'% sgemm':>8} "
+              f"{'peak RSS MB':>12} {'vs torch':>9} {'max |diff|':>11}")
+        ref = np.load(outputs["torch"]) if "torch" in outputs else None
+        for kind, r in results.items():
+            best = min(r["times"][1:] or r["times"])
+            ratio = best / min(results["torch"]["times"][1:] or results["torch"]["times"]) \
+                if "torch" in results else float("nan")
+            diff = float(np.abs(np.load(outputs[kind]) - ref).max()) if ref is not None else float("nan")
+            print(f"{kind:<10} {r['times'][0]:8.2f} {best:8.2f} {USEFUL_GFLOP / best:8.1f} "
+                  f"{100 * USEFUL_GFLOP / best / rate:7.0f}% {r['peak_rss_mb']:12.0f} "
+                  f"{ratio:8.2f}x {diff:11.2e}")
+
+
+if __name__ == "__main__":
+    main()
