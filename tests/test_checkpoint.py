@@ -22,10 +22,9 @@ from tinyi2v.errors import FormatError
 from tinyi2v.io import checkpoint
 from tinyi2v.io.checkpoint import load_checkpoint, state_dict_from_checkpoint
 
-FIXTURE = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared/fixtures/mobiledit-official/mobiledit-tiny-random.pth"
-)
+from conftest import OFFICIAL, need
+
+FIXTURE = OFFICIAL / "mobiledit-tiny-random.pth"
 
 
 @pytest.fixture
@@ -119,9 +118,7 @@ def _load_tensor(tmp_path: Path, size: tuple, stride: tuple, offset: int = 0,
 
 
 def test_fixture_matches_torch_load(torch):
-    if not FIXTURE.exists():
-        pytest.skip(f"fixture not present: {FIXTURE}")
-    sd = state_dict_from_checkpoint(load_checkpoint(FIXTURE))
+    sd = state_dict_from_checkpoint(load_checkpoint(need(FIXTURE)))
     ref = torch.load(FIXTURE, weights_only=True)["state_dict"]
     assert len(sd) == 199
     assert list(sd) == list(ref)

@@ -15,7 +15,9 @@ PARITY = 1e-4          # fixture README: float32 vs float64 of the official mode
 
 
 def case(name):
-    load = lambda key: np.load(need(OFFICIAL / f"case_{name}_{key}.npy"))
+    def load(key):
+        return np.load(need(OFFICIAL / f"case_{name}_{key}.npy"))
+
     return (load("x"), load("timestep"), load("cond_mask"), load("flow_score")), load("out")
 
 

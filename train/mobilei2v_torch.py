@@ -316,7 +316,6 @@ class MobileI2VDenoiser(nn.Module):
         """
         b, _, t, h, w = x.shape
         grid = (t, h, w)
-        n = t * h * w
 
         # Per-token sigma: guide tokens get t = 0 (spec §4.3); the embedder sees t / 1000.
         timestep = timestep.to(device=x.device, dtype=torch.float32)

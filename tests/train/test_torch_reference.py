@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import OFFICIAL, SHARED, need  # noqa: E402
 from tinyi2v.convert import mobilei2v_config  # noqa: E402
 from train.mobilei2v_torch import MobileI2VDenoiser, init_random_  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "mobiledit-official"
+FIXTURE = OFFICIAL
 KEYS_TSV = SHARED / "docs" / "mobilei2v-300M-keys.tsv"
 TOLERANCE = 1e-4  # fixture README: float32 port bar, ~40x the official float32-vs-float64 spread
 LIVE_PARAMS_300M = 264_855_296  # spec §9: 267,218,048 minus the dead caption path
@@ -21,9 +19,7 @@ LIVE_PARAMS_300M = 264_855_296  # spec §9: 267,218,048 minus the dead caption p
 
 @pytest.fixture(scope="module")
 def tiny_model() -> MobileI2VDenoiser:
-    weights = FIXTURE / "mobiledit-tiny-random.pth"
-    if not weights.exists():
-        pytest.skip(f"parity fixture missing: {weights}")
+    weights = need(FIXTURE / "mobiledit-tiny-random.pth")
     state_dict = torch.load(weights, weights_only=True)["state_dict"]
     config = mobilei2v_config({key: tuple(value.shape) for key, value in state_dict.items()})
     # Geometry stated in the fixture README.
@@ -74,8 +70,7 @@ def test_batch_rows_are_independent(tiny_model: MobileI2VDenoiser) -> None:
 
 
 def test_300m_state_dict_matches_official_keys() -> None:
-    if not KEYS_TSV.exists():
-        pytest.skip(f"key table missing: {KEYS_TSV}")
+    need(KEYS_TSV)
     dead = ("pos_embed", "pos_embed_temporal", "y_embedder.", "attention_y_norm.")
     expected = {}
     for line in KEYS_TSV.read_text().splitlines():
