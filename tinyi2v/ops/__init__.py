@@ -14,7 +14,7 @@ from types import ModuleType
 from ..errors import TinyI2VError
 
 KERNELS = ("layernorm_modulate", "gated_add_", "rope3d", "linear_attention",
-           "depthwise_conv3x3", "bias_silu_", "silu_gate")
+           "depthwise_conv3x3", "bias_silu_", "silu_gate", "pixel_norm")
 BACKENDS = ("auto", "numpy", "numba")
 
 _active: ModuleType | None = None

@@ -176,3 +176,25 @@ def silu_gate(x):
     out = np.empty(x.shape[:-1] + (F,), dtype=x.dtype)
     _silu_gate(x.reshape(-1, 2 * F), out.reshape(-1, F))
     return out
+
+
+@_jit
+def _pixel_norm(x, eps, silu, out):
+    R, C = x.shape
+    for r in prange(R):
+        ms = 0.0
+        for c in range(C):
+            ms += x[r, c] * x[r, c]
+        inv = 1.0 / math.sqrt(ms / C + eps)
+        for c in range(C):
+            y = x[r, c] * inv
+            if silu:
+                y = y / (1.0 + math.exp(-y))
+            out[r, c] = y
+
+
+def pixel_norm(x, eps, silu):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _pixel_norm(x.reshape(-1, x.shape[-1]), np.float32(eps), silu, out.reshape(-1, x.shape[-1]))
+    return out

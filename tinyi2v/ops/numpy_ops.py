@@ -107,3 +107,15 @@ def silu_gate(x: np.ndarray) -> np.ndarray:
     value, gate = x[..., :F], x[..., F:]
     with np.errstate(over="ignore"):
         return value * gate / (1.0 + np.exp(-gate))
+
+
+def pixel_norm(x: np.ndarray, eps: float, silu: bool) -> np.ndarray:
+    """RMS norm over the last axis without weight (the VAEs' "pixel norm"), optionally SiLU after.
+
+    x [..., C] -> [..., C] (a new array): y = x / sqrt(mean(x^2) + eps); silu(y) = y * sigmoid(y).
+    """
+    y = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)))
+    if silu:
+        with np.errstate(over="ignore"):
+            y /= 1.0 + np.exp(-y)
+    return y

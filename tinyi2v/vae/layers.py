@@ -1,0 +1,203 @@
+"""Video VAE building blocks on channel-last activations: one sample, x [T, H, W, C] float32.
+
+Weights keep the torch layout of the upstream checkpoints (conv3d [Cout, Cin, kt, kh, kw],
+conv2d [Cout, Cin, kh, kw]); the functions reorder them per call.
+
+Convolutions follow LTX-Video's CausalConv3d: spatial zero padding kh//2, kw//2 built into the
+conv, temporal padding by replicating the first / last frame (the caller picks how many of each:
+causal = (kt-1, 0), non-causal = ((kt-1)/2, (kt-1)/2)). They never build an im2col matrix (a 3x3x3
+conv at 720p would need 13 GB for it): one output frame is a sum over the kernel taps of GEMMs
+[rows, Cin] @ [Cin, Cout] on contiguous slices of the zero-padded input frames, done a band of
+rows at a time so the running sum stays in cache. `conv_frame` is that per-frame step; the
+streaming decoder calls it directly with a sliding window of frames.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .. import ops
+from ..denoiser import linear, silu
+
+__all__ = ["conv3d", "conv2d", "conv_frame", "depthwise_conv3d", "pixel_norm", "pixel_norm_silu",
+           "layer_norm", "linear", "silu", "relu", "patchify", "unpatchify",
+           "depth_to_space2", "depth_to_space_ltx", "replicate_pad_index",
+           "conv_taps"]
+
+BAND_PIXELS = 4096          # output pixels per GEMM band: acc [4096, Cout] stays in L2/L3
+
+
+def replicate_pad_index(T: int, temporal_pad: tuple[int, int]) -> list[int]:
+    """Source frame of each temporally padded position: first frame repeated pad[0] times, then
+    the frames, then the last frame repeated pad[1] times."""
+    before, after = temporal_pad
+    return [0] * before + list(range(T)) + [T - 1] * after
+
+
+def conv_taps(weight: np.ndarray) -> np.ndarray:
+    """Torch conv weight [Cout, Cin, kt, kh, kw] -> per-tap GEMM matrices [kt, kh, kw, Cin, Cout]."""
+    return np.ascontiguousarray(weight.transpose(2, 3, 4, 1, 0), dtype=np.float32)
+
+
+def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int):
+    """Zero-pad a frame [H, W, C] by (kh//2, kw//2) and split it into its sh x sw stride phases.
+
+    Returns (buf [sh, sw, Hq + 1, Wq, C], H', W', Wq): tap (dy, dx) of output row r reads phase
+    (dy % sh, dx % sw) at rows r + dy // sh, columns + dx // sw. Flattening a phase to
+    [(Hq + 1) * Wq, C] turns every tap into one contiguous slice (output rows are computed Wq wide
+    and the extra columns dropped); the extra zero row keeps the last tap's slice in bounds.
+    """
+    H, W, C = frame.shape
+    ph, pw = kh // 2, kw // 2
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Hq, Wq = Ho + (kh - 1) // sh, Wo + (kw - 1) // sw          # rows / columns of one phase
+    padded = np.zeros((Hq * sh, Wq * sw, C), np.float32)
+    rows, cols = min(H, Hq * sh - ph), min(W, Wq * sw - pw)   # a stride can leave the end unused
+    padded[ph:ph + rows, pw:pw + cols] = frame[:rows, :cols]
+    buf = np.zeros((sh, sw, Hq + 1, Wq, C), np.float32)
+    buf[:, :, :Hq] = padded.reshape(Hq, sh, Wq, sw, C).transpose(1, 3, 0, 2, 4)
+    return buf, Ho, Wo, Wq
+
+
+def conv_frame(frames: Sequence[np.ndarray], taps: np.ndarray, bias: np.ndarray | None = None,
+               stride: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """One output frame of a 3D convolution from the kt input frames under its kernel.
+
+    frames: kt arrays [H, W, Cin] (temporal padding already resolved); taps [kt, kh, kw, Cin, Cout]
+    from `conv_taps`; spatial zero padding kh//2, kw//2; stride (sh, sw) -> [H', W', Cout].
+    """
+    kt, kh, kw, _, cout = taps.shape
+    sh, sw = stride
+    phased = [_phases(f, kh, kw, sh, sw) for f in frames]     # kt x [sh, sw, Hq + 1, Wq, Cin]
+    _, Ho, Wo, Wq = phased[0]
+    flats = [buf.reshape(sh, sw, -1, buf.shape[-1]) for buf, *_ in phased]
+    out = np.empty((Ho, Wo, cout), np.float32)
+    band = max(1, BAND_PIXELS // Wq)                           # output rows per band
+    for r0 in range(0, Ho, band):
+        r1 = min(Ho, r0 + band)
+        n = (r1 - r0) * Wq
+        acc = np.zeros((n, cout), np.float32)                  # [band rows * Wq, Cout]
+        tmp = np.empty_like(acc)
+        for i in range(kt):
+            for dy in range(kh):
+                for dx in range(kw):
+                    start = (r0 + dy // sh) * Wq + dx // sw
+                    src = flats[i][dy % sh, dx % sw, start:start + n]   # [n, Cin], contiguous
+                    np.matmul(src, taps[i, dy, dx], out=tmp)
+                    acc += tmp
+        out[r0:r1] = acc.reshape(r1 - r0, Wq, cout)[:, :Wo]
+    if bias is not None:
+        out += bias
+    return out
+
+
+def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+           stride: tuple[int, int, int] = (1, 1, 1),
+           temporal_pad: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """3D convolution, LTX CausalConv3d padding.   x [T, H, W, Cin] -> [T', H', W', Cout].
+
+    weight [Cout, Cin, kt, kh, kw]; the first frame is replicated temporal_pad[0] times and the
+    last temporal_pad[1] times; spatial zero padding kh//2, kw//2.
+    """
+    taps = conv_taps(weight)
+    kt = taps.shape[0]
+    st, sh, sw = stride
+    src = replicate_pad_index(x.shape[0], temporal_pad)        # padded position -> frame
+    T_out = (len(src) - kt) // st + 1
+    frames = [conv_frame([x[src[t * st + i]] for i in range(kt)], taps, bias, (sh, sw))
+              for t in range(T_out)]
+    return np.stack(frames)
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """Per-frame 2D convolution, stride 1, zero padding k//2.   x [F, H, W, Cin] -> [F, H, W, Cout];
+    weight [Cout, Cin, kh, kw]."""
+    taps = conv_taps(weight[:, :, None])                       # a 2D conv is a kt = 1 3D conv
+    return np.stack([conv_frame([f], taps, bias) for f in x])
+
+
+def depthwise_conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                     temporal_pad: tuple[int, int]) -> np.ndarray:
+    """Depthwise 3D convolution (groups = C), stride 1, same padding rules as `conv3d`.
+
+    x [T, H, W, C], weight [C, 1, kt, kh, kw], bias [C] -> [T', H, W, C].
+    """
+    _, _, kt, kh, kw = weight.shape
+    T, H, W, C = x.shape
+    ph, pw = kh // 2, kw // 2
+    padded = np.zeros((T, H + 2 * ph, W + 2 * pw, C), np.float32)
+    padded[:, ph:ph + H, pw:pw + W] = x
+    src = replicate_pad_index(T, temporal_pad)
+    T_out = len(src) - kt + 1
+    w = np.ascontiguousarray(weight[:, 0].transpose(1, 2, 3, 0), dtype=np.float32)  # [kt, kh, kw, C]
+    out = np.zeros((T_out, H, W, C), np.float32)
+    for t in range(T_out):
+        for i in range(kt):
+            frame = padded[src[t + i]]
+            for dy in range(kh):
+                for dx in range(kw):
+                    out[t] += frame[dy:dy + H, dx:dx + W] * w[i, dy, dx]
+    if bias is not None:
+        out += bias
+    return out
+
+
+def pixel_norm(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """RMS norm over the channel (last) axis, no weight: x / sqrt(mean_c(x^2) + eps)."""
+    return ops.pixel_norm(x, eps, False)
+
+
+def pixel_norm_silu(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """silu(pixel_norm(x)), fused: the pre-activation of every LTX conv."""
+    return ops.pixel_norm(x, eps, True)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the channel (last) axis with affine weight and bias."""
+    y = x - x.mean(axis=-1, keepdims=True)
+    y *= 1.0 / np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + np.float32(eps))
+    y *= weight
+    y += bias
+    return y
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0))
+
+
+def patchify(video: np.ndarray, p: int) -> np.ndarray:
+    """Space-to-depth by p.   [T, H, W, C] -> [T, H/p, W/p, C*p*p].
+
+    LTX's channel order: c*p*p + col_offset*p + row_offset (the column offset is the more
+    significant index, transposed with respect to the usual pixel-unshuffle).
+    """
+    T, H, W, C = video.shape
+    v = video.reshape(T, H // p, p, W // p, p, C)              # [T, h, row, w, col, C]
+    return v.transpose(0, 1, 3, 5, 4, 2).reshape(T, H // p, W // p, C * p * p)
+
+
+def unpatchify(x: np.ndarray, p: int) -> np.ndarray:
+    """Depth-to-space by p, the inverse of `patchify`.   [T, h, w, C*p*p] -> [T, h*p, w*p, C]."""
+    T, h, w, _ = x.shape
+    v = x.reshape(T, h, w, -1, p, p)                           # [T, h, w, C, col, row]
+    return v.transpose(0, 1, 5, 2, 4, 3).reshape(T, h * p, w * p, -1)
+
+
+def depth_to_space2(x: np.ndarray) -> np.ndarray:
+    """3D depth-to-space by 2 in LTX's channel order, no frame dropped.
+
+    [T, H, W, 8C] -> [2T, 2H, 2W, C]; input channel c*8 + dt*4 + dy*2 + dx lands at
+    frame 2t + dt, row 2h + dy, column 2w + dx.
+    """
+    T, H, W, _ = x.shape
+    v = x.reshape(T, H, W, -1, 2, 2, 2)                        # [T, H, W, C, dt, dy, dx]
+    return v.transpose(0, 4, 1, 5, 2, 6, 3).reshape(2 * T, 2 * H, 2 * W, -1)
+
+
+def depth_to_space_ltx(x: np.ndarray) -> np.ndarray:
+    """LTX's upsampler rearrangement: `depth_to_space2` with the first output frame dropped.
+
+    [T, H, W, 8C] -> [2T - 1, 2H, 2W, C].
+    """
+    return depth_to_space2(x)[1:]
