@@ -78,7 +78,10 @@ def test_bias_silu(R, C, seed):
 @given(R=dims, F=st.integers(1, 30), seed=st.integers(0, 2**16))
 def test_silu_gate(R, F, seed):
     (x,) = arrays(seed, (R, 2, 2 * F), low=-100, high=100)
-    np.testing.assert_allclose(numba_ops.silu_gate(x), ref.silu_gate(x), **TOL)
+    # numba's SiLU is a rational approximation within 2.2e-6 of exact (see numba_ops._sigmoid),
+    # scaled here by the value it multiplies
+    err = np.abs(numba_ops.silu_gate(x) - ref.silu_gate(x))
+    assert np.all(err <= 2e-5 + 2.5e-6 * np.abs(x[..., :F])), err.max()
 
 
 def test_depthwise_conv3x3_matches_direct_definition():
