@@ -16,18 +16,32 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--from", "source", type=click.Choice(["mobilei2v"]), required=True,
-              help="Upstream format of CHECKPOINT.")
+@click.option("--from", "source", type=click.Choice(["mobilei2v", "turbo-vaed", "folder"]),
+              required=True, help="Upstream format of CHECKPOINT; 'folder': re-save a component "
+              "folder (config.json + .safetensors) in --dtype.")
 @click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
               show_default=True, help="Storage type of the written weights.")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="turbo-vaed: JSON object overriding config fields.")
+@click.argument("checkpoint", type=click.Path(exists=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def convert(source: str, dtype: str, checkpoint: str, out_dir: str) -> None:
+def convert(source: str, dtype: str, config_path: str | None, checkpoint: str,
+            out_dir: str) -> None:
     """Convert an upstream CHECKPOINT into a tinyi2v component folder OUT_DIR (read without torch,
     never executing code from the file)."""
-    from .convert import convert_mobilei2v
+    from .convert import convert_folder, convert_mobilei2v, convert_turbo_vaed
 
-    convert_mobilei2v(checkpoint, out_dir, dtype=dtype, log=lambda m: click.echo(m, err=True))
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    if config_path is not None and source != "turbo-vaed":
+        raise click.UsageError("--config applies to --from turbo-vaed only")
+    if source == "turbo-vaed":
+        convert_turbo_vaed(checkpoint, out_dir, dtype=dtype, config_path=config_path, log=log)
+    elif source == "folder":
+        convert_folder(checkpoint, out_dir, dtype=dtype, log=log)
+    else:
+        convert_mobilei2v(checkpoint, out_dir, dtype=dtype, log=log)
 
 
 def main() -> None:

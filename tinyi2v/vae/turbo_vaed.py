@@ -1,0 +1,476 @@
+"""Turbo-VAED-LTX: a mobile decoder for LTX-Video latents (hustvl/Turbo-VAED @ 9268488).
+
+Turbo-VAED is a decoder only, distilled from the LTX-Video VAE's decoder: it reads the latents of
+the LTX encoder as they are (128 channels, 32x smaller in space, 8x in time) and is ~5x cheaper.
+Architecture (official `Turbo-VAED-LTX.json`), one sample, channels first, for MobileI2V's
+720p latent (C, T, H, W) = (128, 3, 23, 40):
+
+    conv_in        3x3x3 conv 128 -> 512                                   [512,  3,  23,   40]
+    mid_block      1 resnet, depthwise-separable convs (5x5x5 dw + 1x1x1)  [512,  3,  23,   40]
+    up_blocks.0    1 depthwise-separable resnet, no upsampling             [512,  3,  23,   40]
+    up_blocks.1    resnet 512 -> 256 (LayerNorm + 1x1x1 shortcut)          [256,  3,  23,   40]
+                   upsampler: conv 256 -> 8*256, 3D shuffle, drop frame 0  [256,  5,  46,   80]
+                   3 resnets, ReLU before conv1                            [256,  5,  46,   80]
+    up_blocks.2    resnet 256 -> 128, upsampler, 2 resnets                 [128,  9,  92,  160]
+    up_blocks.3    resnet 128 -> 64, upsampler, 3 resnets                  [ 64, 17, 184,  320]
+    upsampler2d_1  pixel norm, SiLU, per-frame 3x3 conv 64, shuffle x2     [ 16, 17, 368,  640]
+    upsampler2d_2  pixel norm, SiLU, per-frame 3x3 conv 16, shuffle x2     [  4, 17, 736, 1280]
+    conv_out       pixel norm, SiLU, 3x3x3 conv 4 -> 3                     [  3, 17, 736, 1280]
+
+A resnet is x + conv2(SiLU(norm(conv1(act(norm(x)))))) with norm = pixel norm (RMS over channels,
+no weights, eps 1e-8) and act = ReLU in the resnets that follow an upsampler, SiLU elsewhere; a
+channel-changing resnet adds LayerNorm + 1x1x1 conv on the shortcut instead. Every temporal conv
+pads by repeating the first and last frame (the decoder is not causal), spatial padding is zeros.
+The 3D pixel shuffle splits the 8C conv channels as c*8 + dy*4 + dx*2 + dt (LTX's own decoder uses
+c*8 + dt*4 + dy*2 + dx). Background and sources: ../shared/docs/ltx-vae.md §3.
+
+Memory: the decoder runs frame by frame. Each stage is a stream that computes its output frame t
+on request, pulling the input frames its temporal convs need (t-1..t+1 for a 3x3x3 conv, t-2..t+2
+for a 5x5x5 one) and caching only that window, so no full-resolution activation of the whole clip
+ever exists: only the output video and a few frames per layer. Activations are channel-last
+frames [H, W, C] float32; weights keep their upstream names (`conv_in.conv.weight`, ...) and are
+read from the component (FP16 upcast on access) when a frame needs them.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import FormatError, TinyI2VError
+from ..sampler import Progress
+from ..weights import Component, check_tensors
+from .layers import (
+    conv2d,
+    conv_frame,
+    conv_taps,
+    depthwise_conv3d,
+    layer_norm,
+    linear,
+    pixel_norm,
+    pixel_norm_silu,
+    relu,
+)
+
+Params = Mapping[str, np.ndarray]
+
+CLASS_NAME = "AutoencoderKLTurboVAED"
+DISTILLATION_ONLY = "aligned_feature_projection_heads."   # training heads, never used to decode
+
+# Config keys of the upstream class that select features this port does not implement, with the
+# value that turns each off (all official Turbo-VAED-LTX values).
+UNSUPPORTED_FEATURES = {
+    "decoder_causal": False, "timestep_conditioning": False, "is_video_dc_ae": False,
+    "decoder_inject_noise": [False], "upsample_residual": [False], "decoder_spatio_only": [False],
+    "upsample_factor": [1], "patch_size_t": 1,
+}
+
+
+# ----------------------------------------------------------------------------- architecture
+
+@dataclass(frozen=True)
+class Block:
+    """One decoder block (the mid block or an up block), in decoding order."""
+    in_channels: int
+    out_channels: int
+    num_layers: int        # resnets after the (optional) channel change and upsampler
+    upsample: bool         # 3D pixel shuffle x2 in T, H and W
+    depthwise: bool        # depthwise-separable convs in its resnets
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a config.json describes, in decoding order."""
+    latent_channels: int
+    out_channels: int
+    blocks: tuple[Block, ...]      # mid block, then up blocks 0..n-1
+    num_2d_stages: int             # 2D pixel-shuffle stages after the last up block (0..2)
+    dw_kernel_size: int
+    norm_eps: float                # of the shortcut LayerNorms
+
+
+def architecture(cfg: Mapping) -> Architecture:
+    """Read a config.json in the upstream layout. Its lists are in *encoder* order and reversed
+    here, as upstream does: after reversal entry 0 is the mid block (layers, depthwise)."""
+    for key, off in UNSUPPORTED_FEATURES.items():
+        value = cfg.get(key, off)
+        if (any(v != off[0] for v in value) if isinstance(off, list) else value != off):
+            raise FormatError(f"Turbo-VAED config: {key}={value!r} is not supported "
+                              f"(only the Turbo-VAED-LTX form, {key}={off!r})")
+    channels = list(reversed(cfg["decoder_block_out_channels"]))
+    layers = list(reversed(cfg["decoder_layers_per_block"]))
+    # Upstream's decoder reads `decoder_spatio_temporal_scaling` (default T, T, T, F) and ignores
+    # `spatio_temporal_scaling`, which only sets the advertised compression ratio.
+    scaling = list(reversed(cfg.get("decoder_spatio_temporal_scaling", [True, True, True, False])))
+    depthwise = list(reversed(cfg.get("decoder_is_dw_conv", [False] * len(layers))))
+    if not (len(layers) == len(depthwise) == len(channels) + 1 == len(scaling) + 1):
+        raise FormatError("Turbo-VAED config: decoder_layers_per_block and decoder_is_dw_conv need "
+                          "one entry more than decoder_block_out_channels and "
+                          f"decoder_spatio_temporal_scaling, got {len(layers)}, {len(depthwise)}, "
+                          f"{len(channels)}, {len(scaling)}")
+    patch_size = cfg.get("patch_size", 4)
+    if patch_size not in (1, 2, 4):
+        raise FormatError(f"Turbo-VAED config: patch_size {patch_size} is not 1, 2 or 4")
+    blocks = [Block(channels[0], channels[0], layers[0], False, depthwise[0])]
+    for i, out in enumerate(channels):
+        blocks.append(Block(blocks[-1].out_channels, out, layers[i + 1], scaling[i],
+                            depthwise[i + 1]))
+    return Architecture(latent_channels=cfg.get("latent_channels", 128),
+                        out_channels=cfg.get("out_channels", 3), blocks=tuple(blocks),
+                        num_2d_stages={1: 0, 2: 1, 4: 2}[patch_size],
+                        dw_kernel_size=cfg.get("decoder_dw_kernel_size", 3),
+                        norm_eps=cfg.get("resnet_norm_eps", 1e-6))
+
+
+def official_config() -> dict:
+    """hustvl/Turbo-VAED's configs/Turbo-VAED-LTX.json, less the distillation-only heads."""
+    return {
+        "_class_name": CLASS_NAME,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 128,
+        "decoder_block_out_channels": [64, 128, 256, 512],
+        "decoder_layers_per_block": [3, 2, 3, 1, 1],
+        "spatio_temporal_scaling": [True, True, True, False],
+        "decoder_is_dw_conv": [False, False, False, True, True],
+        "decoder_dw_kernel_size": 5,
+        "patch_size": 4,
+        "patch_size_t": 1,
+        "resnet_norm_eps": 1e-6,
+        "scaling_factor": 1.0,
+        "decoder_causal": False,
+    }
+
+
+def config_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+    """The config of a decoder state dict (decoder-level names): channels, layers, upsamplers,
+    depthwise blocks and patch size are read from the shapes, the rest is the official config."""
+    missing = [k for k in ("conv_in.conv.weight", "conv_out.conv.weight") if k not in shapes]
+    if missing:
+        raise FormatError(f"not a Turbo-VAED decoder state dict: missing {', '.join(missing)}")
+
+    def indices(prefix: str) -> list[int]:
+        return sorted({int(m.group(1)) for k in shapes
+                       if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))})
+
+    def conv_out_channels(prefix: str) -> int | None:
+        for name in (f"{prefix}.conv.weight", f"{prefix}.pointwise_conv.weight"):
+            if name in shapes:
+                return shapes[name][0]
+        return None
+
+    def depthwise_kernels(prefix: str) -> list[int]:
+        return [s[-1] for k, s in shapes.items()
+                if k.startswith(prefix) and k.endswith("depthwise_conv.weight") and s[-1] > 1]
+
+    channels = [shapes["conv_in.conv.weight"][0]]             # decoding order, mid block first
+    layers = [len(indices("mid_block.resnets"))]
+    depthwise = [bool(depthwise_kernels("mid_block."))]
+    scaling = []
+    for i in indices("up_blocks"):
+        b = f"up_blocks.{i}"
+        # only a block that changes the channel count has a conv_in resnet
+        channels.append(conv_out_channels(f"{b}.conv_in.conv1") or channels[-1])
+        layers.append(len(indices(f"{b}.resnets")))
+        depthwise.append(bool(depthwise_kernels(f"{b}.")))
+        scaling.append(f"{b}.upsamplers.0.conv.conv.weight" in shapes)
+    kernels = depthwise_kernels("") or [official_config()["decoder_dw_kernel_size"]]
+    patch_size = 4 if "upsampler2d_2.conv.weight" in shapes else (
+        2 if "upsampler2d_1.conv.weight" in shapes else 1)
+    encoder_order = list(reversed(scaling))
+    return official_config() | {
+        "latent_channels": shapes["conv_in.conv.weight"][1],
+        "out_channels": shapes["conv_out.conv.weight"][0],
+        "decoder_block_out_channels": list(reversed(channels[1:])),
+        "decoder_layers_per_block": list(reversed(layers)),
+        "spatio_temporal_scaling": encoder_order,
+        "decoder_spatio_temporal_scaling": encoder_order,
+        "decoder_is_dw_conv": list(reversed(depthwise)),
+        "decoder_dw_kernel_size": kernels[0],
+        "patch_size": patch_size,
+    }
+
+
+def conv_shapes(prefix: str, c_in: int, c_out: int, kernel: int, depthwise: bool) -> dict:
+    """A 3D conv module: `prefix.conv.*` or `prefix.{depthwise,pointwise}_conv.*`."""
+    if not depthwise:
+        return {f"{prefix}.conv.weight": (c_out, c_in, kernel, kernel, kernel),
+                f"{prefix}.conv.bias": (c_out,)}
+    return {f"{prefix}.depthwise_conv.weight": (c_in, 1, kernel, kernel, kernel),
+            f"{prefix}.depthwise_conv.bias": (c_in,),
+            f"{prefix}.pointwise_conv.weight": (c_out, c_in, 1, 1, 1),
+            f"{prefix}.pointwise_conv.bias": (c_out,)}
+
+
+def resnet_shapes(prefix: str, c_in: int, c_out: int, depthwise: bool, dw_kernel: int) -> dict:
+    kernel = dw_kernel if depthwise else 3
+    shapes = (conv_shapes(f"{prefix}.conv1", c_in, c_out, kernel, depthwise)
+              | conv_shapes(f"{prefix}.conv2", c_out, c_out, kernel, depthwise))
+    if c_in != c_out:
+        shapes |= {f"{prefix}.norm3.weight": (c_in,), f"{prefix}.norm3.bias": (c_in,)}
+        shapes |= conv_shapes(f"{prefix}.conv_shortcut", c_in, c_out, 1, depthwise)
+    return shapes
+
+
+def param_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
+    """Every tensor the decoder reads, with its shape, under the upstream decoder-level names."""
+    arch = architecture(cfg)
+    mid, *ups = arch.blocks
+    shapes = conv_shapes("conv_in", arch.latent_channels, mid.in_channels, 3, False)
+    for j in range(mid.num_layers):
+        shapes |= resnet_shapes(f"mid_block.resnets.{j}", mid.in_channels, mid.out_channels,
+                                mid.depthwise, arch.dw_kernel_size)
+    for i, block in enumerate(ups):
+        b, c = f"up_blocks.{i}", block.out_channels
+        if block.in_channels != c:
+            shapes |= resnet_shapes(f"{b}.conv_in", block.in_channels, c, block.depthwise,
+                                    arch.dw_kernel_size)
+        if block.upsample:
+            shapes |= conv_shapes(f"{b}.upsamplers.0.conv", c, 8 * c, 3, False)
+        for j in range(block.num_layers):
+            shapes |= resnet_shapes(f"{b}.resnets.{j}", c, c, block.depthwise, arch.dw_kernel_size)
+    c = arch.blocks[-1].out_channels
+    for stage in range(1, arch.num_2d_stages + 1):
+        shapes |= {f"upsampler2d_{stage}.conv.weight": (c, c, 3, 3),
+                   f"upsampler2d_{stage}.conv.bias": (c,)}
+        c //= 4
+    return shapes | conv_shapes("conv_out", c, arch.out_channels, 3, False)
+
+
+# ----------------------------------------------------------------------------- per-frame maths
+
+def pixel_shuffle(x: np.ndarray, r: int) -> np.ndarray:
+    """torch's pixel_shuffle on one channel-last frame, channel = c*r*r + dy*r + dx.
+    [H, W, C*r*r] -> [H*r, W*r, C]"""
+    H, W, C = x.shape
+    x = x.reshape(H, W, C // (r * r), r, r).transpose(0, 3, 1, 4, 2)   # [H, dy, W, dx, c]
+    return x.reshape(H * r, W * r, C // (r * r))
+
+
+def turbo_depth_to_space(x: np.ndarray) -> np.ndarray:
+    """Turbo-VAED's decoupled 3D pixel shuffle of one conv output frame: channel
+    c*8 + dy*4 + dx*2 + dt goes to frame dt, pixel (2h+dy, 2w+dx).   [H, W, 8C] -> [2, 2H, 2W, C]"""
+    H, W, C8 = x.shape
+    x = x.reshape(H, W, C8 // 8, 2, 2, 2).transpose(5, 0, 3, 1, 4, 2)   # [dt, H, dy, W, dx, c]
+    return x.reshape(2, 2 * H, 2 * W, C8 // 8)
+
+
+def pixel_norm_relu(x: np.ndarray) -> np.ndarray:
+    """The pre-activation of conv1 in the resnets after an upsampler (Turbo's change to LTX)."""
+    return relu(pixel_norm(x))
+
+
+# ----------------------------------------------------------------------------- frame streams
+
+class FrameStream(Protocol):
+    """A clip produced one frame at a time: `frame(t)` -> [H, W, C], asked for in order
+    t = 0, 1, 2, ... (a consumer that needs frames again keeps them in a FrameCache)."""
+    num_frames: int
+
+    def frame(self, t: int) -> np.ndarray: ...
+
+
+class Frames:
+    """An in-memory clip [T, H, W, C] as a stream."""
+
+    def __init__(self, clip: np.ndarray):
+        self.clip, self.num_frames = clip, clip.shape[0]
+
+    def frame(self, t: int) -> np.ndarray:
+        return self.clip[t]
+
+
+class Map:
+    """`fn` applied to every frame of `source` (a per-frame operation)."""
+
+    def __init__(self, source: FrameStream, fn: Callable[[np.ndarray], np.ndarray]):
+        self.source, self.fn, self.num_frames = source, fn, source.num_frames
+
+    def frame(self, t: int) -> np.ndarray:
+        return self.fn(self.source.frame(t))
+
+
+class FrameCache:
+    """Frames of `source` (after `fn`, if given) computed once each, in order, keeping only the
+    `keep` most recent: the sliding window a temporal conv or a lagging reader needs."""
+
+    def __init__(self, source: FrameStream, keep: int,
+                 fn: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.source, self.keep, self.fn = source, keep, fn
+        self.num_frames = source.num_frames
+        self.frames: dict[int, np.ndarray] = {}
+        self.computed = 0                                     # frames 0..computed-1 are done
+
+    def frame(self, t: int) -> np.ndarray:
+        while self.computed <= t:
+            x = self.source.frame(self.computed)
+            self.frames[self.computed] = x if self.fn is None else self.fn(x)
+            self.frames.pop(self.computed - self.keep, None)
+            self.computed += 1
+        if t not in self.frames:                              # a bug in a keep size, not input
+            raise RuntimeError(f"frame {t} was already dropped (keep={self.keep})")
+        return self.frames[t]
+
+    def window(self, t: int, pad: int) -> list[np.ndarray]:
+        """Frames t-pad .. t+pad; beyond either end of the clip the edge frame repeats, which is
+        the decoder's replicate temporal padding."""
+        last = self.num_frames - 1
+        return [self.frame(min(max(s, 0), last)) for s in range(t - pad, t + pad + 1)]
+
+
+class Conv3d:
+    """A 3D conv over time, frame by frame: dense (`prefix.conv.*`) or depthwise-separable
+    (`prefix.depthwise_conv.*` then `prefix.pointwise_conv.*`), kernel k in T, H and W, with
+    k//2 replicated frames at each end. `pre` (e.g. pixel norm + SiLU) is applied once per input
+    frame, before caching.   [T, H, W, Cin] -> [T, H, W, Cout]"""
+
+    def __init__(self, source: FrameStream, p: Params, prefix: str, kernel: int,
+                 depthwise: bool = False, pre: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.p, self.prefix, self.pad, self.depthwise = p, prefix, kernel // 2, depthwise
+        self.inputs = FrameCache(source, keep=2 * self.pad + 1, fn=pre)
+        self.num_frames = source.num_frames
+
+    def frame(self, t: int) -> np.ndarray:
+        p, b = self.p, self.prefix
+        window = self.inputs.window(t, self.pad)             # k x [H, W, Cin]
+        if not self.depthwise:
+            return conv_frame(window, conv_taps(p[f"{b}.conv.weight"]), p[f"{b}.conv.bias"])
+        y = depthwise_conv3d(np.stack(window), p[f"{b}.depthwise_conv.weight"],
+                             p[f"{b}.depthwise_conv.bias"], (0, 0))[0]   # [H, W, Cin]
+        return linear(y, p[f"{b}.pointwise_conv.weight"], p[f"{b}.pointwise_conv.bias"])
+
+
+class Resnet:
+    """x + conv2(SiLU(norm(conv1(act(norm(x)))))); when the channels change, the shortcut is
+    LayerNorm(x) followed by a 1x1x1 conv.   [T, H, W, Cin] -> [T, H, W, Cout]"""
+
+    def __init__(self, source: FrameStream, p: Params, prefix: str, arch: Architecture,
+                 depthwise: bool, relu_first: bool = False, shortcut: bool = False):
+        kernel = arch.dw_kernel_size if depthwise else 3
+        # out[t] reads conv1 up to t + k//2, hence x up to t + 2*(k//2); the shortcut reads x[t]
+        self.inputs = FrameCache(source, keep=2 * (kernel // 2) + 1)
+        self.conv1 = Conv3d(self.inputs, p, f"{prefix}.conv1", kernel, depthwise,
+                            pre=pixel_norm_relu if relu_first else pixel_norm_silu)
+        self.conv2 = Conv3d(self.conv1, p, f"{prefix}.conv2", kernel, depthwise,
+                            pre=pixel_norm_silu)
+        self.p, self.prefix, self.eps, self.depthwise = p, prefix, arch.norm_eps, depthwise
+        self.shortcut, self.num_frames = shortcut, source.num_frames
+
+    def frame(self, t: int) -> np.ndarray:
+        h = self.conv2.frame(t)
+        x = self.inputs.frame(t)
+        if not self.shortcut:
+            return h + x
+        p, b = self.p, f"{self.prefix}.conv_shortcut"
+        s = layer_norm(x, p[f"{self.prefix}.norm3.weight"], p[f"{self.prefix}.norm3.bias"],
+                       self.eps)
+        if self.depthwise:                                    # a 1x1x1 depthwise conv: c*w + b
+            s = s * p[f"{b}.depthwise_conv.weight"].reshape(-1) + p[f"{b}.depthwise_conv.bias"]
+            return h + linear(s, p[f"{b}.pointwise_conv.weight"], p[f"{b}.pointwise_conv.bias"])
+        return h + linear(s, p[f"{b}.conv.weight"], p[f"{b}.conv.bias"])
+
+
+class Upsampler:
+    """3x3x3 conv C -> 8C, Turbo's 3D pixel shuffle, first frame dropped.
+    [T, H, W, C] -> [2T-1, 2H, 2W, C]"""
+
+    def __init__(self, source: FrameStream, p: Params, prefix: str):
+        conv = Conv3d(source, p, f"{prefix}.conv", kernel=3)
+        self.pairs = FrameCache(conv, keep=1, fn=turbo_depth_to_space)   # input t -> [2, ...]
+        self.num_frames = 2 * source.num_frames - 1
+
+    def frame(self, t: int) -> np.ndarray:
+        source_frame, dt = divmod(t + 1, 2)                   # +1: the dropped first frame
+        return self.pairs.frame(source_frame)[dt]
+
+
+def upsample_2d(p: Params, prefix: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Pixel norm, SiLU, 3x3 conv C -> C, pixel shuffle x2, on one frame.  [H,W,C] -> [2H,2W,C/4]"""
+    def stage(x: np.ndarray) -> np.ndarray:
+        y = conv2d(pixel_norm_silu(x)[None], p[f"{prefix}.conv.weight"], p[f"{prefix}.conv.bias"])
+        return pixel_shuffle(y[0], 2)
+    return stage
+
+
+def build_stages(p: Params, arch: Architecture, latent: np.ndarray
+                 ) -> list[tuple[str, FrameStream]]:
+    """The decoder as a chain of named streams over one latent [T, H, W, C]; each stream's
+    frames are that stage's output. Nothing is computed until a frame is asked for; a chain
+    can be read once, so build a new one for every pass."""
+    mid, *ups = arch.blocks
+    x: FrameStream = Conv3d(Frames(latent), p, "conv_in", kernel=3)
+    chain = [("conv_in", x)]
+    for j in range(mid.num_layers):
+        x = Resnet(x, p, f"mid_block.resnets.{j}", arch, mid.depthwise)
+    chain.append(("mid_block", x))
+    for i, block in enumerate(ups):
+        b = f"up_blocks.{i}"
+        if block.in_channels != block.out_channels:
+            x = Resnet(x, p, f"{b}.conv_in", arch, block.depthwise, shortcut=True)
+        if block.upsample:
+            x = Upsampler(x, p, f"{b}.upsamplers.0")
+        for j in range(block.num_layers):
+            x = Resnet(x, p, f"{b}.resnets.{j}", arch, block.depthwise,
+                       relu_first=block.upsample)
+        chain.append((b, x))
+    for stage in range(1, arch.num_2d_stages + 1):
+        x = Map(x, upsample_2d(p, f"upsampler2d_{stage}"))
+        chain.append((f"upsampler2d_{stage}", x))
+    chain.append(("conv_out", Conv3d(x, p, "conv_out", kernel=3, pre=pixel_norm_silu)))
+    return chain
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+class TurboVAEDDecoder:
+    """A Turbo-VAED component folder (config.json + decoder weights): latent -> video."""
+
+    def __init__(self, component: Component):
+        cfg = component.config
+        if cfg.get("_class_name") != CLASS_NAME:
+            raise FormatError(f"{component.path}: not a {CLASS_NAME} config "
+                              f"(_class_name {cfg.get('_class_name')!r})")
+        self.arch = architecture(cfg)
+        found = {k: s for k, s in component.shapes().items() if not k.startswith(DISTILLATION_ONLY)}
+        check_tensors(found, param_shapes(cfg), str(component.path))
+        self.params, self.config = component, cfg
+        upsamplers = sum(block.upsample for block in self.arch.blocks)
+        self.latent_channels = self.arch.latent_channels
+        self.temporal_compression = 2 ** upsamplers
+        self.spatial_compression = 2 ** (upsamplers + self.arch.num_2d_stages)
+
+    def output_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+        """[B, C, T, H, W] latent -> [B, 3, (T-1)*8 + 1, 32*H, 32*W] video (official sizes)."""
+        B, _, T, H, W = latent_shape
+        s = self.spatial_compression
+        return B, self.arch.out_channels, (T - 1) * self.temporal_compression + 1, H * s, W * s
+
+    def stages(self, latent: np.ndarray) -> list[tuple[str, FrameStream]]:
+        """Named per-stage streams for one latent [C, T, H, W] (for inspection and tests)."""
+        return build_stages(self.params, self.arch,
+                            np.ascontiguousarray(latent.transpose(1, 2, 3, 0)))
+
+    def decode(self, latent: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+        """Latent [B, C, T, H, W] -> video [B, 3, (T-1)*8 + 1, 32*H, 32*W], roughly in [-1, 1],
+        computed frame by frame. progress("decode", frames done, frames in all, seconds)."""
+        latent = np.asarray(latent, dtype=np.float32)
+        if latent.ndim != 5 or latent.shape[1] != self.latent_channels or 0 in latent.shape:
+            raise TinyI2VError(f"latent must be [B, {self.latent_channels}, T, H, W] with no "
+                               f"empty axis, got {list(latent.shape)}")
+        video = np.empty(self.output_shape(latent.shape), dtype=np.float32)
+        B, T = video.shape[0], video.shape[2]
+        start = time.perf_counter()
+        for b in range(B):
+            _, out = self.stages(latent[b])[-1]
+            for t in range(T):
+                video[b, :, t] = out.frame(t).transpose(2, 0, 1)   # [H, W, 3] -> [3, H, W]
+                if progress:
+                    progress("decode", b * T + t + 1, B * T, time.perf_counter() - start)
+        return video
+
+    def encode(self, *args, **kwargs):
+        raise TinyI2VError("Turbo-VAED is a decoder only; encode with the LTX-Video VAE's encoder")
