@@ -39,3 +39,30 @@ def random_denoiser_params(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
             a = rng.normal(0, 1, shape) / np.sqrt(np.prod(shape[1:]))
         params[name] = a.astype(np.float32)
     return params
+
+
+def make_tiny_model(root: Path, seed: int = 0, scheduler: dict | None = None) -> Path:
+    """A complete model folder with random weights (never a trained model): a tiny MobileI2V
+    denoiser over the tiny LTX VAE fixture's 8-channel latents, 64x96 pixels, 9 frames."""
+    import json
+    import shutil
+
+    from tinyi2v.denoiser import official_config
+    from tinyi2v.weights import save_component, save_model_index
+
+    vae = need(SHARED / "fixtures" / "ltx-vae-tiny")
+    cfg = official_config(in_channels=8, hidden_size=72, num_blocks=2, softmax_blocks=(1,),
+                          mlp_hidden_size=24, freq_dim=32)
+    save_component(root / "transformer", cfg, random_denoiser_params(cfg, seed))
+    (root / "vae").mkdir(parents=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy(vae / name, root / "vae" / name)
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        scheduler or {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                      "num_inference_steps": 3, "num_train_timesteps": 1000}))
+    save_model_index(root, {"transformer": ["tinyi2v", "MobileI2VTransformer"],
+                            "vae": ["diffusers", "AutoencoderKLLTXVideo"],
+                            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]},
+                     {"height": 64, "width": 96, "frames": 9, "fps": 8, "motion": 2.0})
+    return root

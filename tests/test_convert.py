@@ -132,6 +132,6 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     run = subprocess.run([sys.executable, "-m", "tinyi2v", "convert", "--from", "mobilei2v",
                           str(bad), str(tmp_path / "out")], capture_output=True, text=True)
     assert run.returncode == 1
-    assert run.stderr.startswith("tinyi2v: error:") and "Traceback" not in run.stderr
+    assert run.stderr.startswith("Error:") and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

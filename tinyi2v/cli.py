@@ -2,17 +2,161 @@
 (and never imports numba)."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import click
+import numpy as np
 
 from .errors import TinyI2VError
 
+DEMO_MODEL = "tinyi2v-demo"
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class Commands(click.Group):
+    """User errors become one line on stderr ("Error: ...") and exit code 1, Ctrl-C exit code
+    130, never a traceback: here, so click's test runner sees exactly what a shell sees."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TinyI2VError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ntinyi2v: interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tinyi2v")
 def cli() -> None:
     """tinyi2v: one photo in, a short video out, with MobileI2V in numpy."""
+
+
+def default_model() -> Path:
+    """The bundled demo model: $TINYI2V_MODEL, ./weights/tinyi2v-demo, or beside the package."""
+    candidates = [os.environ.get("TINYI2V_MODEL"), Path.cwd() / "weights" / DEMO_MODEL,
+                  Path(__file__).resolve().parents[1] / "weights" / DEMO_MODEL]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "model_index.json").is_file():
+            return Path(candidate)
+    raise TinyI2VError(f"no model given and the bundled '{DEMO_MODEL}' was not found "
+                       "(run from the tinyi2v folder, or pass --model, or set TINYI2V_MODEL)")
+
+
+class ProgressBar:
+    """One stderr line per stage: 'denoise  3/30  1.21 s/it', rewritten in place on a terminal."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.tty = quiet, sys.stderr.isatty()
+        self.stage_times: dict[str, float] = {}
+
+    def __call__(self, stage: str, step: int, total: int, elapsed: float) -> None:
+        self.stage_times[stage] = elapsed
+        if self.quiet or (not self.tty and step < total):
+            return
+        rate = f"{elapsed / step:.2f} s/it" if step else ""
+        back = "\r" if self.tty else ""                      # rewrite the line in place
+        click.echo(f"{back}{stage:<8} {step:>3}/{total:<3} {rate}", err=True, nl=step >= total)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output: .mp4, .webp, .gif, or a folder name for PNG frames.")
+@click.option("--model", type=click.Path(file_okay=False), help="Model folder (default: bundled).")
+@click.option("--frames", type=int, help="Number of frames (8k+1; others are rounded).")
+@click.option("--height", type=int, help="Output height in pixels (rounded to the VAE's factor).")
+@click.option("--width", type=int, help="Output width in pixels.")
+@click.option("--size", type=int, help="Short side in pixels, aspect ratio kept.")
+@click.option("--steps", type=int, help="Denoising steps (default: the model's own schedule).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--motion", type=float, help="Amount of motion (flow score; default: the model's).")
+@click.option("--fps", type=float, help="Frames per second of the output.")
+@click.option("--fit", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
+              help="Keep the photo's aspect ratio by centre-cropping or by padding.")
+@click.option("--backend", type=click.Choice(["auto", "numpy", "numba"]), default=None,
+              help="Kernel backend (default: $TINYI2V_BACKEND or auto).")
+@click.option("--force", is_flag=True, help="Run even if the memory estimate exceeds free RAM.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def animate(image, output, model, frames, height, width, size, steps, seed, motion, fps, fit,
+            backend, force, quiet) -> None:
+    """Turn IMAGE into a short video written to OUTPUT."""
+    import time
+
+    from . import ops
+    from .io.image import load_image
+    from .io.video import check_output, write_video
+    from .pipeline import Pipeline, available_memory
+
+    start = time.perf_counter()
+    if size is not None and (height or width):
+        raise TinyI2VError("give --size or --height/--width, not both")
+    check_output(output)
+    photo = load_image(image)
+    pipe = Pipeline.load(model or default_model())
+    backend = ops.set_backend(backend)
+    if size is not None:                                     # the short side
+        portrait = photo.shape[0] > photo.shape[1]
+        width, height = (size, None) if portrait else (None, size)
+    plan = pipe.plan(photo.shape[:2], frames, height, width, steps, motion, fit)
+    say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    for note in plan.notes:
+        say(f"note: {note}")
+    free = available_memory()
+    say(f"tinyi2v: {plan.width}x{plan.height}, {plan.frames} frames, {plan.steps} steps, "
+        f"motion {plan.motion:g}, seed {seed}, backend {backend}, "
+        f"estimated peak memory {plan.peak_bytes / 2**30:.2f} GiB"
+        + (f" of {free / 2**30:.1f} GiB free" if free else ""))
+    if free and plan.peak_bytes > free and not force:
+        raise TinyI2VError(f"this needs about {plan.peak_bytes / 2**30:.1f} GiB but only "
+                           f"{free / 2**30:.1f} GiB is free; choose a smaller size or fewer "
+                           "frames, or pass --force")
+    bar = ProgressBar(quiet)
+    clip = pipe(photo, seed=seed, fit=fit, progress=bar, plan=plan)
+    write_start = time.perf_counter()
+    fps = fps or pipe.defaults["fps"]
+    write_video(output, clip, fps, {"model": str(pipe.path), "seed": str(seed),
+                                    "motion": f"{plan.motion:g}", "steps": str(plan.steps),
+                                    "frames": str(plan.frames), "software": "tinyi2v"})
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in bar.stage_times.items())
+    say(f"wrote {output} in {time.perf_counter() - start:.1f} s "
+        f"({stages}, write {time.perf_counter() - write_start:.1f} s)")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--tensors", is_flag=True, help="List every tensor with its shape and dtype.")
+def info(model: str, tensors: bool) -> None:
+    """Describe a model folder: components, sizes, dtypes, format version, schedule."""
+    from .sampler import schedule_from_config
+    from .weights import Component, read_json
+
+    root = Path(model)
+    index = read_json(root / "model_index.json")
+    click.echo(f"model {root}  (format version {index.get('_tinyi2v_format_version', '?')})")
+    for name in [k for k in index if not k.startswith("_") and isinstance(index[k], list)]:
+        if name == "scheduler":
+            continue
+        comp = Component(root / name)
+        shapes = comp.shapes()
+        params = sum(int(np.prod(s)) for s in shapes.values())
+        config = {k: v for k, v in comp.config.items() if not k.startswith("_")}
+        click.echo(f"{name:<12} {comp.config.get('_class_name', '?')}: {params / 1e6:.2f} M "
+                   f"parameters in {len(shapes)} tensors, stored as "
+                   f"{'/'.join(sorted(comp.storage_dtypes()))}, format version "
+                   f"{comp.config.get('_tinyi2v_format_version', '-')}")
+        click.echo("             " + ", ".join(f"{k}={v}" for k, v in config.items()))
+        if tensors:
+            for key, shape in shapes.items():
+                click.echo(f"             {key:<60} {comp.file.dtype_of(key):<5} {list(shape)}")
+    scheduler = read_json(root / "scheduler" / "scheduler_config.json")
+    sigmas = schedule_from_config(scheduler)
+    click.echo(f"{'scheduler':<12} flow-matching Euler, {len(sigmas) - 1} steps: sigmas "
+               + " ".join(f"{s:.4g}" for s in sigmas))
+    if isinstance(index.get("defaults"), dict):
+        click.echo(f"{'defaults':<12} " + ", ".join(f"{k}={v}" for k, v in index["defaults"].items()))
 
 
 @cli.command()
@@ -45,18 +189,5 @@ def convert(source: str, dtype: str, config_path: str | None, checkpoint: str,
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("tinyi2v: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except TinyI2VError as e:
-        click.echo(f"tinyi2v: error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("tinyi2v: interrupted", err=True)
-        sys.exit(130)
+    """Console entry point (`tinyi2v`, `python -m tinyi2v`)."""
+    cli()

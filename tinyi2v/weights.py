@@ -104,6 +104,18 @@ def check_tensors(found: Mapping[str, tuple], expected: Mapping[str, tuple], whe
         raise FormatError(f"{where}: tensors do not match the architecture: " + "; ".join(problems))
 
 
+def save_model_index(path: str | os.PathLike, components: Mapping[str, list[str]],
+                     defaults: Mapping | None = None) -> Path:
+    """Write model_index.json: the components ({"transformer": ["tinyi2v", class], ...}) and the
+    defaults the CLI uses (height, width, frames, fps, motion)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "TinyI2VPipeline", "_tinyi2v_format_version": FORMAT_VERSION,
+             **components, **({"defaults": dict(defaults)} if defaults else {})}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def save_component(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, np.ndarray],
                    dtype: str = "F16") -> Path:
     """Write a component folder atomically (build it beside the target, then rename).
