@@ -100,3 +100,21 @@ def test_depthwise_conv3x3_matches_direct_definition():
                                 s += x[f, ii, jj, c] * w[c, di, dj]
                     expect[f, i, j, c] = s
     np.testing.assert_allclose(ref.depthwise_conv3x3(x, w, b), expect, rtol=1e-5, atol=1e-5)
+
+
+@fast
+@given(R=dims, C=st.integers(1, 40), silu=st.booleans(), seed=st.integers(0, 2**16))
+def test_pixel_norm(R, C, silu, seed):
+    (x,) = arrays(seed, (R, 2, C), low=-100, high=100)
+    x[0, 0] = 0.0                                     # an all-zero pixel: eps keeps it finite
+    np.testing.assert_allclose(numba_ops.pixel_norm(x, 1e-8, silu),
+                               ref.pixel_norm(x, 1e-8, silu), **TOL)
+
+
+def test_pixel_norm_matches_definition():
+    """The numpy kernel itself: x / sqrt(mean(x^2) + eps), then SiLU, in float64."""
+    (x,) = arrays(2, (3, 5, 7))
+    y = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-8)
+    np.testing.assert_allclose(ref.pixel_norm(x, 1e-8, False), y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.pixel_norm(x, 1e-8, True), y / (1 + np.exp(-y)),
+                               rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ Kernels: `TINYI2V_BACKEND=auto|numpy|numba` (numba optional, imported on first u
 """
 from .denoiser import Denoiser, load_denoiser
 from .errors import FormatError, TinyI2VError
+from .vae import load_vae
 
-__all__ = ["Denoiser", "FormatError", "TinyI2VError", "load_denoiser"]
+__all__ = ["Denoiser", "FormatError", "TinyI2VError", "load_denoiser", "load_vae"]
 __version__ = "0.1.0"

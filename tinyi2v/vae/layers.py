@@ -20,10 +20,24 @@ import numpy as np
 from .. import ops
 from ..denoiser import linear, silu
 
-__all__ = ["conv3d", "conv2d", "conv_frame", "depthwise_conv3d", "pixel_norm", "pixel_norm_silu",
-           "layer_norm", "linear", "silu", "relu", "patchify", "unpatchify",
-           "depth_to_space2", "depth_to_space_ltx", "replicate_pad_index",
-           "conv_taps"]
+__all__ = [
+    "conv2d",
+    "conv3d",
+    "conv_frame",
+    "conv_taps",
+    "depth_to_space2",
+    "depth_to_space_ltx",
+    "depthwise_conv3d",
+    "layer_norm",
+    "linear",
+    "patchify",
+    "pixel_norm",
+    "pixel_norm_silu",
+    "relu",
+    "replicate_pad_index",
+    "silu",
+    "unpatchify",
+]
 
 BAND_PIXELS = 4096          # output pixels per GEMM band: acc [4096, Cout] stays in L2/L3
 
@@ -36,12 +50,19 @@ def replicate_pad_index(T: int, temporal_pad: tuple[int, int]) -> list[int]:
 
 
 def conv_taps(weight: np.ndarray) -> np.ndarray:
-    """Torch conv weight [Cout, Cin, kt, kh, kw] -> per-tap GEMM matrices [kt, kh, kw, Cin, Cout]."""
-    return np.ascontiguousarray(weight.transpose(2, 3, 4, 1, 0), dtype=np.float32)
+    """Torch conv weight [Cout, Cin, kt, kh, kw] (any float dtype) -> float32 taps
+    [kt, kh, kw, Cout, Cin]: tap (i, dy, dx) is a contiguous [Cout, Cin] matrix, used as its
+    transpose (BLAS reads that without a copy). Only the small kernel axes move, in one pass that
+    also casts FP16 to float32."""
+    cout, cin, *kernel = weight.shape
+    taps = np.ascontiguousarray(weight.reshape(cout * cin, -1).T, dtype=np.float32)
+    return taps.reshape(*kernel, cout, cin)
 
 
-def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int):
+def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int, pad_rows: bool = True):
     """Zero-pad a frame [H, W, C] by (kh//2, kw//2) and split it into its sh x sw stride phases.
+
+    `pad_rows=False` pads the columns only (the caller supplies the rows above and below).
 
     Returns (buf [sh, sw, Hq + 1, Wq, C], H', W', Wq): tap (dy, dx) of output row r reads phase
     (dy % sh, dx % sw) at rows r + dy // sh, columns + dx // sw. Flattening a phase to
@@ -49,7 +70,7 @@ def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int):
     and the extra columns dropped); the extra zero row keeps the last tap's slice in bounds.
     """
     H, W, C = frame.shape
-    ph, pw = kh // 2, kw // 2
+    ph, pw = (kh // 2 if pad_rows else 0), kw // 2
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
     Hq, Wq = Ho + (kh - 1) // sh, Wo + (kw - 1) // sw          # rows / columns of one phase
     padded = np.zeros((Hq * sh, Wq * sw, C), np.float32)
@@ -61,15 +82,16 @@ def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int):
 
 
 def conv_frame(frames: Sequence[np.ndarray], taps: np.ndarray, bias: np.ndarray | None = None,
-               stride: tuple[int, int] = (1, 1)) -> np.ndarray:
+               stride: tuple[int, int] = (1, 1), pad_rows: bool = True) -> np.ndarray:
     """One output frame of a 3D convolution from the kt input frames under its kernel.
 
-    frames: kt arrays [H, W, Cin] (temporal padding already resolved); taps [kt, kh, kw, Cin, Cout]
-    from `conv_taps`; spatial zero padding kh//2, kw//2; stride (sh, sw) -> [H', W', Cout].
+    frames: kt arrays [H, W, Cin] (temporal padding already resolved); taps [kt, kh, kw, Cout, Cin]
+    from `conv_taps`; spatial zero padding kh//2, kw//2 (columns only if `pad_rows` is False);
+    stride (sh, sw) -> [H', W', Cout].
     """
-    kt, kh, kw, _, cout = taps.shape
+    kt, kh, kw, cout, _ = taps.shape
     sh, sw = stride
-    phased = [_phases(f, kh, kw, sh, sw) for f in frames]     # kt x [sh, sw, Hq + 1, Wq, Cin]
+    phased = [_phases(f, kh, kw, sh, sw, pad_rows) for f in frames]     # kt x [sh, sw, Hq + 1, Wq, Cin]
     _, Ho, Wo, Wq = phased[0]
     flats = [buf.reshape(sh, sw, -1, buf.shape[-1]) for buf, *_ in phased]
     out = np.empty((Ho, Wo, cout), np.float32)
@@ -84,7 +106,7 @@ def conv_frame(frames: Sequence[np.ndarray], taps: np.ndarray, bias: np.ndarray 
                 for dx in range(kw):
                     start = (r0 + dy // sh) * Wq + dx // sw
                     src = flats[i][dy % sh, dx % sw, start:start + n]   # [n, Cin], contiguous
-                    np.matmul(src, taps[i, dy, dx], out=tmp)
+                    np.matmul(src, taps[i, dy, dx].T, out=tmp)
                     acc += tmp
         out[r0:r1] = acc.reshape(r1 - r0, Wq, cout)[:, :Wo]
     if bias is not None:
@@ -93,19 +115,25 @@ def conv_frame(frames: Sequence[np.ndarray], taps: np.ndarray, bias: np.ndarray 
 
 
 def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-           stride: tuple[int, int, int] = (1, 1, 1),
-           temporal_pad: tuple[int, int] = (0, 0)) -> np.ndarray:
+           stride: tuple[int, int, int] = (1, 1, 1), temporal_pad: tuple[int, int] = (0, 0),
+           pad_rows: bool = True) -> np.ndarray:
     """3D convolution, LTX CausalConv3d padding.   x [T, H, W, Cin] -> [T', H', W', Cout].
 
     weight [Cout, Cin, kt, kh, kw]; the first frame is replicated temporal_pad[0] times and the
-    last temporal_pad[1] times; spatial zero padding kh//2, kw//2.
+    last temporal_pad[1] times; spatial zero padding kh//2, kw//2 (columns only if `pad_rows` is
+    False: then x carries its own rows above and below, and H' = H - kh + 1).
+    A one-frame input with padding gives every tap the same frame, so the kt temporal slices of
+    the kernel are summed first: a 2D conv, kt x fewer GEMMs, equal up to rounding.
     """
     taps = conv_taps(weight)
     kt = taps.shape[0]
     st, sh, sw = stride
     src = replicate_pad_index(x.shape[0], temporal_pad)        # padded position -> frame
     T_out = (len(src) - kt) // st + 1
-    frames = [conv_frame([x[src[t * st + i]] for i in range(kt)], taps, bias, (sh, sw))
+    if x.shape[0] == 1:
+        return np.stack([conv_frame([x[0]], taps.sum(axis=0, keepdims=True), bias, (sh, sw),
+                                    pad_rows)] * T_out)
+    frames = [conv_frame([x[src[t * st + i]] for i in range(kt)], taps, bias, (sh, sw), pad_rows)
               for t in range(T_out)]
     return np.stack(frames)
 

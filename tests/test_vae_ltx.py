@@ -1,0 +1,240 @@
+"""The LTX-Video VAE port: fixture parity, live parity with diffusers on other tiny configs,
+streamed == layer-by-layer decode, config and folder errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SHARED, need
+
+from tinyi2v.errors import FormatError, TinyI2VError
+from tinyi2v.io.safetensors import load_file, save_file
+from tinyi2v.vae import LTXVideoVAE, load_vae
+from tinyi2v.vae.ltx import official_config, run_stages
+from tinyi2v.weights import save_component
+
+FIXTURE = SHARED / "fixtures" / "ltx-vae-tiny"
+TOL = 1e-4
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
+@pytest.fixture(scope="module")
+def fixture_vae() -> LTXVideoVAE:
+    return load_vae(need(FIXTURE))
+
+
+# ----------------------------------------------------------------------------- fixture parity
+
+@pytest.mark.parametrize("case", ["video", "image"])
+def test_fixture_encode(fixture_vae, case):
+    mean, logvar = fixture_vae.encode(np.load(FIXTURE / f"{case}_input.npy"))
+    assert max_diff(mean, np.load(FIXTURE / f"{case}_posterior_mean.npy")) < TOL
+    assert max_diff(logvar, np.load(FIXTURE / f"{case}_posterior_logvar.npy")) < TOL
+
+
+@pytest.mark.parametrize("case", ["video", "image"])
+@pytest.mark.parametrize("streaming", [True, False])
+def test_fixture_decode(fixture_vae, case, streaming):
+    latent = np.load(FIXTURE / f"{case}_posterior_mean.npy")
+    video = fixture_vae.decode(latent, streaming=streaming, slab_bytes=1)
+    assert max_diff(video, np.load(FIXTURE / f"{case}_decoded.npy")) < TOL
+
+
+def test_fixture_intermediates(fixture_vae):
+    expected = np.load(FIXTURE / "video_intermediates.npz")
+    record: dict = {}
+    video = np.load(FIXTURE / "video_input.npy")[0].transpose(1, 2, 3, 0)   # [T, H, W, 3]
+    fixture_vae.encode_sample(np.ascontiguousarray(video), record)
+    latent = np.load(FIXTURE / "video_posterior_mean.npy")[0].transpose(1, 2, 3, 0)
+    cfg = fixture_vae.config
+    run_stages(fixture_vae.params, fixture_vae.decoder, np.ascontiguousarray(latent),
+               cfg["decoder_causal"], cfg["resnet_norm_eps"], record, "decoder_")
+    assert set(expected.files) <= set(record)         # the fixture stops before decoder conv_out
+    for name in expected.files:
+        assert max_diff(record[name].transpose(3, 0, 1, 2)[None], expected[name]) < TOL, name
+
+
+def test_attributes(fixture_vae):
+    assert (fixture_vae.latent_channels, fixture_vae.spatial_compression,
+            fixture_vae.temporal_compression) == (8, 32, 8)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+@pytest.mark.parametrize("shape", [(2, 8, 3, 3, 5), (1, 8, 1, 1, 2), (1, 8, 2, 4, 1)])
+@pytest.mark.parametrize("slab_bytes", [1, 20_000])     # one row per slab / a few rows
+def test_streamed_decode_equals_layer_by_layer(fixture_vae, shape, slab_bytes):
+    latent = np.random.default_rng(sum(shape)).standard_normal(shape, dtype=np.float32)
+    steps = []
+    streamed = fixture_vae.decode(latent, progress=lambda *a: steps.append(a),
+                                  slab_bytes=slab_bytes)
+    plain = fixture_vae.decode(latent, streaming=False)
+    assert streamed.shape == (shape[0], 3, 8 * (shape[2] - 1) + 1, 32 * shape[3], 32 * shape[4])
+    assert max_diff(streamed, plain) < 1e-5
+    assert steps[-1][:3] == ("decode", shape[0] * 32 * shape[3], shape[0] * 32 * shape[3])
+
+
+def test_batch_is_per_sample(fixture_vae):
+    video = np.random.default_rng(0).uniform(-1, 1, (2, 3, 2, 32, 64)).astype(np.float32)
+    mean, logvar = fixture_vae.encode(video)
+    one_mean, one_logvar = fixture_vae.encode(video[1:])
+    assert max_diff(mean[1:], one_mean) < 1e-6 and max_diff(logvar[1:], one_logvar) < 1e-6
+    assert max_diff(fixture_vae.decode(mean)[1:], fixture_vae.decode(one_mean)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- live diffusers
+
+def tiny_config(**changes) -> dict:
+    cfg = official_config()
+    del cfg["_class_name"]
+    return cfg | changes
+
+
+CONFIGS = {
+    # patch 2, three blocks with the middle one not scaling, FP32 weights
+    "patch2-3blocks-f32": (tiny_config(
+        latent_channels=4, patch_size=2,
+        block_out_channels=[8, 12, 16], layers_per_block=[1, 2, 1, 1],
+        spatio_temporal_scaling=[True, True, False], down_block_types=["LTXVideoDownBlock3D"] * 3,
+        downsample_type=["conv"] * 3,
+        decoder_block_out_channels=[6, 10, 16], decoder_layers_per_block=[1, 1, 2, 1],
+        decoder_spatio_temporal_scaling=[True, False, True], decoder_inject_noise=[False] * 4,
+        upsample_residual=[False] * 3, upsample_factor=[1] * 3), "F32",
+        (1, 3, 5, 14, 22), (1, 4, 2, 3, 5)),
+    # the 0.9.0 layout at other widths, a causal decoder, FP16 weights, batch 2
+    "patch4-causal-decoder-f16": (tiny_config(
+        latent_channels=6, block_out_channels=[4, 8, 8, 12], layers_per_block=[2, 1, 1, 1, 2],
+        decoder_block_out_channels=[8, 8, 12, 12], decoder_layers_per_block=[1, 1, 2, 1, 1],
+        decoder_causal=True), "F16",
+        (2, 3, 9, 36, 28), (2, 6, 2, 3, 1)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def live_pair(request, tmp_path_factory):
+    """(torch model, our model, video shape, latent shape) sharing seeded random weights."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    torch.set_num_threads(1)
+    cfg, dtype, video_shape, latent_shape = CONFIGS[request.param]
+    net = diffusers.AutoencoderKLLTXVideo(**cfg).eval()
+    rng = np.random.default_rng(len(request.param))
+    tensors = {}
+    for name, t in net.state_dict().items():
+        fan_in = int(np.prod(t.shape[1:])) if t.ndim > 1 else 0
+        a = rng.standard_normal(tuple(t.shape)) * (fan_in ** -0.5 if fan_in else 0.1)
+        a += 1.0 if name.endswith(("norm3.weight", "latents_std")) else 0.0
+        # the FP16 case: torch gets exactly the values the FP16 file holds
+        tensors[name] = a.astype(np.float16 if dtype == "F16" else np.float32).astype(np.float32)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+    folder = save_component(tmp_path_factory.mktemp("vae") / "vae",
+                            {"_class_name": "AutoencoderKLLTXVideo", **cfg}, tensors, dtype)
+    return net, load_vae(folder), video_shape, latent_shape
+
+
+def test_live_encode(live_pair):
+    import torch
+
+    net, vae, video_shape, _ = live_pair
+    video = np.random.default_rng(2).uniform(-1, 1, video_shape).astype(np.float32)
+    with torch.inference_mode():
+        posterior = net.encode(torch.from_numpy(video)).latent_dist
+    mean, logvar = vae.encode(video)
+    scale = max(1.0, float(np.abs(posterior.mean.numpy()).max()))
+    assert max_diff(mean, posterior.mean.numpy()) < TOL * scale
+    assert max_diff(logvar, posterior.logvar.numpy()) < TOL * scale
+
+
+def test_live_single_frame_encode_is_frame_zero(live_pair):
+    """The one-frame (2D, summed-kernel) path equals latent frame 0 of the causal video encode,
+    and diffusers' own one-frame encode."""
+    import torch
+
+    net, vae, video_shape, _ = live_pair
+    video = np.random.default_rng(3).uniform(-1, 1, video_shape).astype(np.float32)
+    frame_mean, _ = vae.encode(video[:, :, :1])
+    video_mean, _ = vae.encode(video)
+    with torch.inference_mode():
+        expected = net.encode(torch.from_numpy(video[:, :, :1])).latent_dist.mean.numpy()
+    assert frame_mean.shape[2] == 1
+    assert max_diff(frame_mean, video_mean[:, :, :1]) < TOL
+    assert max_diff(frame_mean, expected) < TOL
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_live_decode(live_pair, streaming):
+    import torch
+
+    net, vae, _, latent_shape = live_pair
+    latent = np.random.default_rng(4).standard_normal(latent_shape, dtype=np.float32)
+    with torch.inference_mode():
+        expected = net.decode(torch.from_numpy(latent)).sample.numpy()
+    video = vae.decode(latent, streaming=streaming, slab_bytes=1)
+    assert video.shape == expected.shape
+    assert max_diff(video, expected) < TOL * max(1.0, float(np.abs(expected).max()))
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.fixture
+def fixture_copy(tmp_path):
+    folder = tmp_path / "vae"
+    shutil.copytree(need(FIXTURE), folder)
+    return folder
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("timestep_conditioning", True),
+    ("decoder_inject_noise", [False, True, True, True, True]),
+    ("upsample_residual", [True] * 4),
+    ("upsample_factor", [2] * 4),
+    ("down_block_types", ["LTXVideo095DownBlock3D"] * 4),
+    ("downsample_type", ["spatial", "temporal", "spatiotemporal", "spatiotemporal"]),
+    ("patch_size_t", 2),
+    ("layers_per_block", [1, 1, 1, 1]),
+])
+def test_unsupported_config_is_refused(fixture_copy, field, value):
+    edit_config(fixture_copy, **{field: value})
+    with pytest.raises(FormatError, match=f"{field} = {value!r}".replace("[", r"\[")
+                       .replace("]", r"\]")):
+        load_vae(fixture_copy)
+
+
+def test_missing_and_misshaped_tensors_are_named(fixture_copy):
+    weights = fixture_copy / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["decoder.conv_out.conv.bias"]
+    tensors["encoder.conv_in.conv.weight"] = tensors["encoder.conv_in.conv.weight"][:4]
+    save_file(tensors, weights)
+    with pytest.raises(FormatError, match=r"missing: decoder\.conv_out\.conv\.bias.*"
+                                          r"wrong shape: encoder\.conv_in\.conv\.weight"):
+        load_vae(fixture_copy)
+
+
+def test_unknown_class_is_refused(fixture_copy):
+    edit_config(fixture_copy, _class_name="AutoencoderKL")
+    with pytest.raises(FormatError, match="AutoencoderKL"):
+        load_vae(fixture_copy)
+
+
+def test_model_folder_with_vae_inside(tmp_path, fixture_copy):
+    (fixture_copy.parent / "model_index.json").write_text("{}")
+    assert load_vae(fixture_copy.parent).latent_channels == 8
+
+
+def test_bad_input_shapes(fixture_vae):
+    with pytest.raises(TinyI2VError, match="video must be"):
+        fixture_vae.encode(np.zeros((1, 3, 1, 30, 64), np.float32))   # 30 is not a multiple of 4
+    with pytest.raises(TinyI2VError, match="latent must be"):
+        fixture_vae.decode(np.zeros((1, 4, 1, 2, 2), np.float32))
