@@ -2,7 +2,6 @@
 line, a non-zero exit and no output file (through CliRunner and as a real subprocess)."""
 from __future__ import annotations
 
-import os
 import signal
 import struct
 import subprocess
@@ -64,7 +63,9 @@ def test_mp4_output(model, photo, tmp_path):
 def test_same_seed_same_frames(model, photo, tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         assert animate(model, photo, "-o", tmp_path / name, "--seed", seed).exit_code == 0
-    read = lambda name: [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).iterdir())]
+    def read(name):
+        return [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).iterdir())]
+
     assert all(np.array_equal(x, y) for x, y in zip(read("a"), read("b")))
     assert not all(np.array_equal(x, y) for x, y in zip(read("a"), read("c")))
 
@@ -80,8 +81,9 @@ def test_info(model):
 def tiny_png_header(width, height):
     """A PNG whose header claims width x height (nothing after it decodes)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + \
-        struct.pack(">I", zlib.crc32(kind + data))
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
@@ -137,7 +139,8 @@ def prepare(case, model, photo, tmp_path):
     args = [str(tmp_path / a) if a.endswith((".jpg", ".png")) else a for a in args]
     if "--model" in args:
         i = args.index("--model") + 1
-        args[i] = str(broken_model(model, tmp_path, args[i]) if args[i] != "nomodel" else tmp_path / "nomodel")
+        bad = tmp_path / "nomodel" if args[i] == "nomodel" else broken_model(model, tmp_path, args[i])
+        args[i] = str(bad)
     else:
         args += ["--model", str(model)]
     if "-o" not in args:

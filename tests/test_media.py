@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from tinyi2v.errors import TinyI2VError
 from tinyi2v.io import image as image_io
