@@ -27,13 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_denoiser import peak_rss_mb, sgemm_gflops
+from bench_denoiser import sgemm_gflops
 
 FRAME = (1, 3, 1, 720, 1280)       # the guide image as a one-frame video
 LATENT = (1, 128, 3, 23, 40)       # 17 frames of 1280x736 (cropped to 720 by the pipeline)
 TASKS = {"encode": "encode one 720x1280 frame (LTX 0.9.0 encoder)",
          "decode": "decode 1x128x3x23x40 -> 17x736x1280 (LTX 0.9.0 decoder)",
          "turbo": "decode 1x128x3x23x40 -> 17x736x1280 (Turbo-VAED decoder)"}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries the
+    parent's peak into a forked and exec'd child, so every worker would report at least the
+    memory of the process that started it."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def random_tensors(shapes: dict, seed: int) -> dict:
@@ -77,6 +85,8 @@ def worker(kind: str, task: str, model: str, repeat: int, out: str) -> None:
 
     if kind == "sgemm":
         return print(json.dumps({"gflops": sgemm_gflops()}))
+    if kind == "build":
+        return build_model(Path(model), task, seed=0)
     x = inputs(task)
     if kind == "torch":
         import torch
@@ -153,7 +163,8 @@ def main() -> None:
             model = Path(tmp) / ("turbo" if task == "turbo" else "ltx")   # encode + decode share
             if not model.exists():
                 print(f"{task}: building a random-weight model with the official shapes (FP16) ...")
-                build_model(model, task, seed=0)
+                subprocess.run([sys.executable, __file__, "--worker", "build", "--task", task,
+                                "--model", str(model)], check=True)   # keeps this process small
             outputs = {}
             for kind in contenders:
                 out = str(Path(tmp) / f"{task}-{kind}.npy")

@@ -11,7 +11,7 @@ from conftest import SHARED, need
 
 from tinyi2v.errors import FormatError, TinyI2VError
 from tinyi2v.io.safetensors import load_file, save_file
-from tinyi2v.vae import LTXVideoVAE, load_vae
+from tinyi2v.vae import LTXVideoVAE, layers, load_vae
 from tinyi2v.vae.ltx import official_config, run_stages
 from tinyi2v.weights import save_component
 
@@ -85,6 +85,85 @@ def test_batch_is_per_sample(fixture_vae):
     one_mean, one_logvar = fixture_vae.encode(video[1:])
     assert max_diff(mean[1:], one_mean) < 1e-6 and max_diff(logvar[1:], one_logvar) < 1e-6
     assert max_diff(fixture_vae.decode(mean)[1:], fixture_vae.decode(one_mean)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- layers vs torch
+
+def channels_last(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(x, 0, -1))          # [C, T, H, W] -> [T, H, W, C]
+
+
+@pytest.mark.parametrize("frames, kernel, stride, temporal_pad", [
+    (5, (3, 3, 3), (1, 1, 1), (2, 0)),      # causal
+    (4, (3, 3, 3), (1, 1, 1), (1, 1)),      # non-causal
+    (6, (3, 3, 3), (2, 2, 2), (2, 0)),      # the encoder's downsampler, odd sizes
+    (1, (3, 3, 3), (2, 2, 2), (2, 0)),      # one frame: the summed-kernel path
+    (3, (1, 1, 1), (1, 1, 1), (0, 0)),
+    (7, (5, 5, 5), (1, 1, 1), (2, 2)),
+    (4, (3, 5, 3), (1, 2, 3), (2, 0)),
+])
+def test_conv3d_matches_torch(frames, kernel, stride, temporal_pad):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(frames)
+    x = rng.standard_normal((3, frames, 9, 11), dtype=np.float32)
+    w = rng.standard_normal((4, 3) + kernel, dtype=np.float32) / np.float32(np.sqrt(3 * np.prod(kernel)))
+    b = rng.standard_normal(4, dtype=np.float32)
+    xt = torch.from_numpy(x)[None]
+    xt = torch.cat([xt[:, :, :1]] * temporal_pad[0] + [xt] + [xt[:, :, -1:]] * temporal_pad[1], 2)
+    expected = torch.nn.functional.conv3d(xt, torch.from_numpy(w), torch.from_numpy(b), stride,
+                                          (0, kernel[1] // 2, kernel[2] // 2))[0].numpy()
+    got = layers.conv3d(channels_last(x), w, b, stride, temporal_pad)
+    assert got.shape == channels_last(expected).shape
+    assert max_diff(got, channels_last(expected)) < 1e-5
+    fp16 = layers.conv3d(channels_last(x), w.astype(np.float16), b, stride, temporal_pad)
+    assert max_diff(fp16, layers.conv3d(channels_last(x), w.astype(np.float16).astype(np.float32),
+                                        b, stride, temporal_pad)) < 1e-6
+
+
+def test_conv2d_and_depthwise_match_torch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 7, 9), dtype=np.float32)             # [C, T, H, W]
+    w2 = rng.standard_normal((5, 3, 3, 3), dtype=np.float32)
+    expected = F.conv2d(torch.from_numpy(x).permute(1, 0, 2, 3), torch.from_numpy(w2), padding=1)
+    assert max_diff(layers.conv2d(channels_last(x), w2), expected.permute(0, 2, 3, 1)) < 1e-5
+    wd = rng.standard_normal((3, 1, 5, 5, 5), dtype=np.float32)
+    bd = rng.standard_normal(3, dtype=np.float32)
+    xt = torch.from_numpy(x)[None]
+    xt = torch.cat([xt[:, :, :1]] * 2 + [xt] + [xt[:, :, -1:]] * 2, 2)
+    expected = F.conv3d(xt, torch.from_numpy(wd), torch.from_numpy(bd), padding=(0, 2, 2),
+                        groups=3)[0].numpy()
+    got = layers.depthwise_conv3d(channels_last(x), wd, bd, (2, 2))
+    assert max_diff(got, channels_last(expected)) < 1e-5
+
+
+def test_rearrangements_follow_diffusers_order():
+    """patchify: channel c*p*p + col*p + row; depth_to_space_ltx: channel c*8 + dt*4 + dy*2 + dx,
+    first frame dropped; the two unpatchify/patchify directions are inverses."""
+    rng = np.random.default_rng(6)
+    video = rng.standard_normal((2, 8, 12, 3), dtype=np.float32)       # [T, H, W, C]
+    patched = layers.patchify(video, 4)
+    t, h, w, c, col, row = 1, 1, 2, 2, 3, 1
+    assert patched[t, h, w, c * 16 + col * 4 + row] == video[t, 4 * h + row, 4 * w + col, c]
+    assert np.array_equal(layers.unpatchify(patched, 4), video)
+    x = rng.standard_normal((3, 2, 4, 8 * 5), dtype=np.float32)
+    y = layers.depth_to_space_ltx(x)
+    assert y.shape == (5, 4, 8, 5)
+    for t, dt, i, dy, j, dx, c in [(0, 1, 1, 0, 3, 1, 4), (2, 0, 0, 1, 2, 0, 0), (1, 1, 1, 1, 0, 0, 2)]:
+        assert y[2 * t + dt - 1, 2 * i + dy, 2 * j + dx, c] == x[t, i, j, c * 8 + dt * 4 + dy * 2 + dx]
+
+
+def test_norms_match_definitions():
+    x = np.random.default_rng(7).standard_normal((2, 3, 4, 6), dtype=np.float32)
+    x64 = x.astype(np.float64)
+    rms = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + 1e-8)
+    assert max_diff(layers.pixel_norm(x), rms) < 1e-5
+    assert max_diff(layers.pixel_norm_silu(x), rms / (1 + np.exp(-rms))) < 1e-5
+    g, b = np.arange(6, dtype=np.float32), np.ones(6, np.float32)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    ln = centred / np.sqrt(np.mean(centred ** 2, axis=-1, keepdims=True) + 1e-6) * g + b
+    assert max_diff(layers.layer_norm(x, g, b, 1e-6), ln) < 1e-5
 
 
 # ----------------------------------------------------------------------------- live diffusers

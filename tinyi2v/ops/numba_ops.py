@@ -195,11 +195,13 @@ def _pixel_norm(x, eps, silu, out):
         for c in range(C):
             ms += x[r, c] * x[r, c]
         inv = 1.0 / math.sqrt(ms / C + eps)
-        for c in range(C):
-            y = x[r, c] * inv
-            if silu:
-                y = y / (1.0 + math.exp(-y))
-            out[r, c] = y
+        if silu:
+            for c in range(C):
+                y = x[r, c] * inv
+                out[r, c] = y * _sigmoid(y)
+        else:
+            for c in range(C):
+                out[r, c] = x[r, c] * inv
 
 
 def pixel_norm(x, eps, silu):

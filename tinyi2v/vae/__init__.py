@@ -17,21 +17,22 @@ from .ltx import LTXVideoVAE, load_ltx_vae
 __all__ = ["LTXVideoVAE", "load_vae"]
 
 
-def load_vae(path: str | os.PathLike):
+def load_vae(path: str | os.PathLike, use_mmap: bool | None = None):
     """The VAE of a `vae/` component folder, or of a model folder containing `vae/`.
 
     The config's `_class_name` picks the implementation: AutoencoderKLLTXVideo (encoder and
     decoder) or AutoencoderKLTurboVAED (decoder only). Attributes of the result:
-    `latent_channels`, `spatial_compression`, `temporal_compression`.
+    `latent_channels`, `spatial_compression`, `temporal_compression`. `use_mmap` as in
+    `weights.Component`; None leaves the choice to the implementation.
     """
     folder = component_dir(path, "vae")
     name = read_json(folder / "config.json").get("_class_name")
     if name == LTX_CLASS_NAME:
-        return load_ltx_vae(folder)
+        return load_ltx_vae(folder, use_mmap=bool(use_mmap))
     if name == "AutoencoderKLTurboVAED":
         # imported only when such a folder is opened
         from .turbo_vaed import TurboVAEDDecoder
 
-        return TurboVAEDDecoder(Component(folder))
+        return TurboVAEDDecoder(Component(folder, use_mmap=use_mmap))
     raise FormatError(f"{folder}: unsupported VAE class {name!r} "
                       f"(known: {LTX_CLASS_NAME}, AutoencoderKLTurboVAED)")

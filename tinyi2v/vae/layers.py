@@ -6,10 +6,10 @@ conv2d [Cout, Cin, kh, kw]); the functions reorder them per call.
 Convolutions follow LTX-Video's CausalConv3d: spatial zero padding kh//2, kw//2 built into the
 conv, temporal padding by replicating the first / last frame (the caller picks how many of each:
 causal = (kt-1, 0), non-causal = ((kt-1)/2, (kt-1)/2)). They never build an im2col matrix (a 3x3x3
-conv at 720p would need 13 GB for it): one output frame is a sum over the kernel taps of GEMMs
-[rows, Cin] @ [Cin, Cout] on contiguous slices of the zero-padded input frames, done a band of
-rows at a time so the running sum stays in cache. `conv_frame` is that per-frame step; the
-streaming decoder calls it directly with a sliding window of frames.
+conv at 720p would need 13 GB for it): one output frame is computed a band of rows at a time,
+the band's input (all frames and kernel columns side by side) gathered once and multiplied per
+kernel row, so the GEMMs are long (K = kt * kw * Cin) and only kh partial sums are added. `conv_frame` is that per-frame step (a
+frame-streamed decoder calls it with its sliding window of frames).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ __all__ = [
     "unpatchify",
 ]
 
-BAND_PIXELS = 4096          # output pixels per GEMM band: acc [4096, Cout] stays in L2/L3
+BAND_BYTES = 16 * 2**20     # conv_frame: input columns gathered per band of output rows
 
 
 def replicate_pad_index(T: int, temporal_pad: tuple[int, int]) -> list[int]:
@@ -51,12 +51,10 @@ def replicate_pad_index(T: int, temporal_pad: tuple[int, int]) -> list[int]:
 
 def conv_taps(weight: np.ndarray) -> np.ndarray:
     """Torch conv weight [Cout, Cin, kt, kh, kw] (any float dtype) -> float32 taps
-    [kt, kh, kw, Cout, Cin]: tap (i, dy, dx) is a contiguous [Cout, Cin] matrix, used as its
-    transpose (BLAS reads that without a copy). Only the small kernel axes move, in one pass that
-    also casts FP16 to float32."""
-    cout, cin, *kernel = weight.shape
-    taps = np.ascontiguousarray(weight.reshape(cout * cin, -1).T, dtype=np.float32)
-    return taps.reshape(*kernel, cout, cin)
+    [kh, Cout, kt, kw, Cin]: for each kernel row dy, one [Cout, kt * kw * Cin] matrix that takes
+    the frames and kernel columns side by side (used as its transpose, which BLAS reads without a
+    copy). The reordering pass also casts FP16 to float32."""
+    return np.ascontiguousarray(weight.transpose(3, 0, 2, 4, 1), dtype=np.float32)
 
 
 def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int, pad_rows: bool = True):
@@ -82,31 +80,45 @@ def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int, pad_rows: boo
 
 
 def conv_frame(frames: Sequence[np.ndarray], taps: np.ndarray, bias: np.ndarray | None = None,
-               stride: tuple[int, int] = (1, 1), pad_rows: bool = True) -> np.ndarray:
+               stride: tuple[int, int] = (1, 1), pad_rows: bool = True,
+               out: np.ndarray | None = None) -> np.ndarray:
     """One output frame of a 3D convolution from the kt input frames under its kernel.
 
-    frames: kt arrays [H, W, Cin] (temporal padding already resolved); taps [kt, kh, kw, Cout, Cin]
+    frames: kt arrays [H, W, Cin] (temporal padding already resolved); taps [kh, Cout, kt, kw, Cin]
     from `conv_taps`; spatial zero padding kh//2, kw//2 (columns only if `pad_rows` is False);
-    stride (sh, sw) -> [H', W', Cout].
+    stride (sh, sw) -> [H', W', Cout], written into `out` if given.
+
+    Per band of output rows, the input rows the band reads are copied once into `cols`
+    [rows, kt * kw * Cin] (every frame and kernel column side by side); each kernel row dy is
+    then one GEMM with K = kt * kw * Cin on a row-shifted slice of it. Long GEMMs and kh - 1
+    additions per band instead of kt * kh * kw short GEMMs and additions: the additions, not the
+    multiplications, were the bottleneck at 128 channels.
     """
-    kt, kh, kw, cout, _ = taps.shape
+    kh, cout, kt, kw, cin = taps.shape
     sh, sw = stride
-    phased = [_phases(f, kh, kw, sh, sw, pad_rows) for f in frames]     # kt x [sh, sw, Hq + 1, Wq, Cin]
+    phased = [_phases(f, kh, kw, sh, sw, pad_rows) for f in frames]   # kt x [sh, sw, Hq+1, Wq, Cin]
     _, Ho, Wo, Wq = phased[0]
-    flats = [buf.reshape(sh, sw, -1, buf.shape[-1]) for buf, *_ in phased]
-    out = np.empty((Ho, Wo, cout), np.float32)
-    band = max(1, BAND_PIXELS // Wq)                           # output rows per band
+    flats = [buf.reshape(sh, sw, -1, cin) for buf, *_ in phased]
+    rows_below = (kh - 1) // sh                                 # extra phase rows a band reads
+    if out is None:
+        out = np.empty((Ho, Wo, cout), np.float32)
+    band = max(1, BAND_BYTES // (4 * kt * kw * cin * Wq))       # output rows per band
     for r0 in range(0, Ho, band):
         r1 = min(Ho, r0 + band)
-        n = (r1 - r0) * Wq
-        acc = np.zeros((n, cout), np.float32)                  # [band rows * Wq, Cout]
-        tmp = np.empty_like(acc)
-        for i in range(kt):
-            for dy in range(kh):
+        n, m = (r1 - r0) * Wq, (r1 - r0 + rows_below) * Wq     # output / input pixels
+        acc, tmp = np.empty((n, cout), np.float32), np.empty((n, cout), np.float32)
+        for ry in range(min(sh, kh)):                          # kernel rows of one row phase
+            cols = np.empty((m, kt, kw, cin), np.float32)
+            for i in range(kt):
                 for dx in range(kw):
-                    start = (r0 + dy // sh) * Wq + dx // sw
-                    src = flats[i][dy % sh, dx % sw, start:start + n]   # [n, Cin], contiguous
-                    np.matmul(src, taps[i, dy, dx].T, out=tmp)
+                    start = r0 * Wq + dx // sw
+                    cols[:, i, dx] = flats[i][ry, dx % sw, start:start + m]
+            cols = cols.reshape(m, -1)
+            for dy in range(ry, kh, sh):
+                shift = (dy // sh) * Wq
+                np.matmul(cols[shift:shift + n], taps[dy].reshape(cout, -1).T,
+                          out=acc if dy == 0 else tmp)
+                if dy:
                     acc += tmp
         out[r0:r1] = acc.reshape(r1 - r0, Wq, cout)[:, :Wo]
     if bias is not None:
@@ -126,16 +138,21 @@ def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
     the kernel are summed first: a 2D conv, kt x fewer GEMMs, equal up to rounding.
     """
     taps = conv_taps(weight)
-    kt = taps.shape[0]
+    kt = taps.shape[2]
     st, sh, sw = stride
     src = replicate_pad_index(x.shape[0], temporal_pad)        # padded position -> frame
     T_out = (len(src) - kt) // st + 1
     if x.shape[0] == 1:
-        return np.stack([conv_frame([x[0]], taps.sum(axis=0, keepdims=True), bias, (sh, sw),
+        return np.stack([conv_frame([x[0]], taps.sum(axis=2, keepdims=True), bias, (sh, sw),
                                     pad_rows)] * T_out)
-    frames = [conv_frame([x[src[t * st + i]] for i in range(kt)], taps, bias, (sh, sw), pad_rows)
-              for t in range(T_out)]
-    return np.stack(frames)
+    out = None
+    for t in range(T_out):
+        frame = conv_frame([x[src[t * st + i]] for i in range(kt)], taps, bias, (sh, sw),
+                           pad_rows, None if out is None else out[t])
+        if out is None:
+            out = np.empty((T_out,) + frame.shape, np.float32)
+            out[0] = frame
+    return out
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:

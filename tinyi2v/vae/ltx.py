@@ -20,17 +20,19 @@ MobileI2V's 720p case with the 0.9.0 config (../shared/docs/ltx-vae.md §2.3):
 A resnet is x + conv2(silu(pnorm(conv1(silu(pnorm(x)))))), the skip through LayerNorm + a 1x1 conv
 when the channel count changes. Activations are channel-last [T, H, W, C] (see layers.py).
 
-Decoding streams over rows: the latent enters as slabs of a few rows (all frames), every layer is
-a generator that turns row slabs into row slabs, keeping only the two rows its 3x3 kernel still
-needs from the previous slab. At 720p x 17 frames no layer ever holds more than a slab of rows
-(the up-3 activations alone are 490 MB per tensor), yet every output pixel is computed exactly as
-in the layer-by-layer decode. Frames are not finished one by one (a non-causal decoder's last layer
-needs every frame of a row), so progress is counted in output rows.
+Decoding streams over rows: the latent enters as slabs of whole rows (all frames), and every
+layer is a lazy iterator that turns row slabs into row slabs, keeping only the two rows its 3x3
+kernel still needs from the previous slab; upsamplers get slabs 8x smaller, so every activation
+slab stays within ~16 MB. At 720p x 17 frames, where one up-3 activation is 490 MB, the decoder
+holds ~0.4 GB in all, yet every output pixel is computed once and exactly as in the
+layer-by-layer decode. Frames are not finished one by one (the non-causal decoder's last layer
+needs every frame of a row), so progress counts output rows.
 """
 from __future__ import annotations
 
 import collections
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -224,8 +226,8 @@ def param_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------- layers
 
 def stored(p: Params, name: str) -> np.ndarray:
-    """A tensor as the file stores it: FP16 stays FP16 (memory-mapped), so a weight can be sliced
-    before it is cast, and the cast happens in conv_taps' reordering pass."""
+    """A tensor as the file stores it: FP16 stays FP16, so a weight can be sliced before it is
+    cast, and the cast happens in conv_taps' reordering pass (one pass instead of two)."""
     return p.file[name] if isinstance(p, Component) else p[name]
 
 
@@ -371,7 +373,7 @@ def stream_resnet(p: Params, step: Resnet, slabs: Slabs, height: int, causal: bo
 
 def stream_stages(p: Params, stages: Stages, slabs: Slabs, height: int, causal: bool,
                   eps: float, slab_bytes: int) -> Slabs:
-    """`run_stages` as a chain of row-slab generators (nothing runs until the result is read).
+    """`run_stages` as a chain of lazy row-slab iterators (nothing runs until the result is read).
     Upsamplers get slabs of slab_bytes / 8, so their outputs stay within slab_bytes too."""
     for _, steps in stages:
         for step in steps:
@@ -407,10 +409,10 @@ class LTXVideoVAE:
         network (every 3x3x3 kernel summed over time, see layers.conv3d)."""
         video = np.asarray(video, np.float32)
         cfg, L, patch = self.config, self.latent_channels, self.config["patch_size"]
-        if (video.ndim != 5 or video.shape[1] != cfg["in_channels"]
+        if (video.ndim != 5 or video.shape[1] != cfg["in_channels"] or 0 in video.shape
                 or video.shape[3] % patch or video.shape[4] % patch):
             raise TinyI2VError(f"video must be [B, {cfg['in_channels']}, T, H, W] with H and W "
-                               f"multiples of {patch}, got {list(video.shape)}")
+                               f"positive multiples of {patch}, got {list(video.shape)}")
         means, logvars = [], []
         for sample in video:
             out = self.encode_sample(np.ascontiguousarray(sample.transpose(1, 2, 3, 0)))
@@ -463,9 +465,15 @@ class LTXVideoVAE:
         return video
 
 
-def load_ltx_vae(path) -> LTXVideoVAE:
-    """Open a diffusers `vae/` folder of AutoencoderKLLTXVideo (F32/F16/BF16 safetensors)."""
-    comp = Component(path)
+def load_ltx_vae(path: str | os.PathLike, use_mmap: bool = False) -> LTXVideoVAE:
+    """Open a diffusers `vae/` folder of AutoencoderKLLTXVideo (F32/F16/BF16 safetensors).
+
+    By default the weights are not memory-mapped but read from the file whenever a layer runs:
+    the streamed decoder goes through every layer once per slab, and reading from the OS page
+    cache costs ~1% of the time while the process holds only the layer in use (a mapped FP16
+    decoder would stay resident: +478 MB).
+    """
+    comp = Component(path, use_mmap=use_mmap)
     cfg = check_config(comp.config, str(comp.path))
     shapes = comp.shapes()
     extra = {k: shapes[k] for k in ("latents_mean", "latents_std") if k in shapes}
