@@ -71,11 +71,14 @@ def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int, pad_rows: boo
     ph, pw = (kh // 2 if pad_rows else 0), kw // 2
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
     Hq, Wq = Ho + (kh - 1) // sh, Wo + (kw - 1) // sw          # rows / columns of one phase
-    padded = np.zeros((Hq * sh, Wq * sw, C), np.float32)
-    rows, cols = min(H, Hq * sh - ph), min(W, Wq * sw - pw)   # a stride can leave the end unused
-    padded[ph:ph + rows, pw:pw + cols] = frame[:rows, :cols]
     buf = np.zeros((sh, sw, Hq + 1, Wq, C), np.float32)
-    buf[:, :, :Hq] = padded.reshape(Hq, sh, Wq, sw, C).transpose(1, 3, 0, 2, 4)
+    for ry in range(sh):
+        y0 = (ry - ph) % sh                                     # first frame row in this phase
+        for rx in range(sw):
+            x0 = (rx - pw) % sw
+            py, px = (y0 + ph) // sh, (x0 + pw) // sw           # where it lands in the phase
+            src = frame[y0::sh, x0::sw][:Hq - py, :Wq - px]     # a stride may leave the end unused
+            buf[ry, rx, py:py + src.shape[0], px:px + src.shape[1]] = src
     return buf, Ho, Wo, Wq
 
 
@@ -94,9 +97,16 @@ def conv_frame(frames: Sequence[np.ndarray], taps: np.ndarray, bias: np.ndarray 
     additions per band instead of kt * kh * kw short GEMMs and additions: the additions, not the
     multiplications, were the bottleneck at 128 channels.
     """
+    kh, _, _, kw, _ = taps.shape
+    return _conv_phased([_phases(f, kh, kw, *stride, pad_rows) for f in frames], taps, bias,
+                        stride, out)
+
+
+def _conv_phased(phased: list, taps: np.ndarray, bias: np.ndarray | None,
+                 stride: tuple[int, int], out: np.ndarray | None) -> np.ndarray:
+    """`conv_frame` on frames already split by `_phases` (conv3d splits each frame once)."""
     kh, cout, kt, kw, cin = taps.shape
     sh, sw = stride
-    phased = [_phases(f, kh, kw, sh, sw, pad_rows) for f in frames]   # kt x [sh, sw, Hq+1, Wq, Cin]
     _, Ho, Wo, Wq = phased[0]
     flats = [buf.reshape(sh, sw, -1, cin) for buf, *_ in phased]
     rows_below = (kh - 1) // sh                                 # extra phase rows a band reads
@@ -145,10 +155,12 @@ def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
     if x.shape[0] == 1:
         return np.stack([conv_frame([x[0]], taps.sum(axis=2, keepdims=True), bias, (sh, sw),
                                     pad_rows)] * T_out)
+    kh, kw = taps.shape[0], taps.shape[3]
+    phased = [_phases(f, kh, kw, sh, sw, pad_rows) for f in x]   # each frame padded once
     out = None
     for t in range(T_out):
-        frame = conv_frame([x[src[t * st + i]] for i in range(kt)], taps, bias, (sh, sw),
-                           pad_rows, None if out is None else out[t])
+        frame = _conv_phased([phased[src[t * st + i]] for i in range(kt)], taps, bias, (sh, sw),
+                             None if out is None else out[t])
         if out is None:
             out = np.empty((T_out,) + frame.shape, np.float32)
             out[0] = frame

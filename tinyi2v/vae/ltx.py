@@ -315,7 +315,7 @@ def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
     rows to R - 2 output rows (x2 for an upsampler). `activate`: pixel norm + SiLU first."""
     carry, received = None, 0                                   # the two rows still needed
 
-    def step(slab: np.ndarray) -> np.ndarray | None:
+    def next_rows(slab: np.ndarray) -> np.ndarray | None:
         nonlocal carry, received
         received += slab.shape[1]
         if activate:
@@ -328,7 +328,7 @@ def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
 
     # map/filter rather than a generator function: a suspended generator would keep its last
     # slab alive, and a chain of twenty of them would hold twenty slabs for nothing
-    return filter(lambda out: out is not None, map(step, slabs))
+    return filter(lambda out: out is not None, map(next_rows, slabs))
 
 
 class RowQueue:
