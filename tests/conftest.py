@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,15 @@ def need(path: Path) -> Path:
     return path
 
 
-def random_denoiser_params(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights for every tensor of `cfg`, scaled like the official fixture."""
-    from tinyi2v.denoiser import param_shapes
-
+def random_params(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 tensors for `shapes`, scaled like the official fixtures: kernels
+    N(0, 1/fan_in), biases N(0, 0.01), norm gains 1 + N(0, 0.04), modulation tables N(0, 0.04)."""
     rng = np.random.default_rng(seed)
     params = {}
-    for name, shape in param_shapes(cfg).items():
-        if name.endswith(("scale_shift_table",)):
+    for name, shape in shapes.items():
+        if name.endswith("scale_shift_table"):
             a = rng.normal(0, 0.2, shape)
-        elif name.endswith("norm.weight"):
+        elif re.search(r"norm\d*\.weight$", name):
             a = 1 + rng.normal(0, 0.2, shape)
         elif name.endswith("bias"):
             a = rng.normal(0, 0.1, shape)
@@ -39,6 +39,12 @@ def random_denoiser_params(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
             a = rng.normal(0, 1, shape) / np.sqrt(np.prod(shape[1:]))
         params[name] = a.astype(np.float32)
     return params
+
+
+def random_denoiser_params(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    from tinyi2v.denoiser import param_shapes
+
+    return random_params(param_shapes(cfg), seed)
 
 
 def make_tiny_model(root: Path, seed: int = 0, scheduler: dict | None = None) -> Path:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SHARED, need
+from conftest import SHARED, need, random_params
 
 from tinyi2v.cli import cli
 from tinyi2v.convert import convert_turbo_vaed
@@ -54,18 +54,7 @@ def materialize(stream) -> np.ndarray:
 
 
 def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights for `cfg`, scaled like the fixture (N(0, 1/fan_in) kernels)."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in param_shapes(cfg).items():
-        if name.endswith("norm3.weight"):
-            a = 1 + rng.normal(0, 0.2, shape)
-        elif name.endswith("bias"):
-            a = rng.normal(0, 0.1, shape)
-        else:
-            a = rng.normal(0, 1, shape) / np.sqrt(np.prod(shape[1:]))
-        weights[name] = a.astype(np.float32)
-    return weights
+    return random_params(param_shapes(cfg), seed)
 
 
 def reference_decode(p, cfg: dict, latent: np.ndarray) -> np.ndarray:

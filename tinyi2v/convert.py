@@ -66,10 +66,7 @@ def convert_mobilei2v(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         f"({', '.join(dead)})")
     log(f"MobileI2V denoiser: hidden {config['hidden_size']}, {config['num_blocks']} blocks "
         f"(softmax at {config['softmax_blocks']}), {n_params:,} parameters")
-    out = save_component(out_dir, {**config, "source": f"converted from {Path(checkpoint).name}"},
-                         live, dtype=DTYPES[dtype])
-    log(f"wrote {out} ({DTYPES[dtype]})")
-    return out
+    return save_converted(out_dir, config, live, checkpoint, dtype, log)
 
 
 def turbo_vaed_state_dict(checkpoint: str | os.PathLike,
@@ -124,8 +121,14 @@ def convert_turbo_vaed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     n_params = sum(int(np.prod(s)) for s in shapes.values())
     log(f"Turbo-VAED decoder: {len(state)} tensors, {n_params:,} parameters, channels "
         f"{config['decoder_block_out_channels']}, layers {config['decoder_layers_per_block']}")
+    return save_converted(out_dir, config, state, checkpoint, dtype, log)
+
+
+def save_converted(out_dir: str | os.PathLike, config: dict, tensors: dict, checkpoint,
+                   dtype: str, log: Callable[[str], None]) -> Path:
+    """Write the component folder, recording where it came from."""
     out = save_component(out_dir, {**config, "source": f"converted from {Path(checkpoint).name}"},
-                         state, dtype=DTYPES[dtype])
+                         tensors, dtype=DTYPES[dtype])
     log(f"wrote {out} ({DTYPES[dtype]})")
     return out
 
