@@ -1,5 +1,5 @@
-"""The LTX-Video VAE port: fixture parity, live parity with diffusers on other tiny configs,
-streamed == layer-by-layer decode, config and folder errors."""
+"""The LTX-Video VAE port: fixture parity, streamed == layer-by-layer decode, the layers against
+torch, live parity with diffusers on two other tiny configs, config and folder errors."""
 from __future__ import annotations
 
 import json
@@ -257,6 +257,17 @@ def test_live_decode(live_pair, streaming):
     video = vae.decode(latent, streaming=streaming, slab_bytes=1)
     assert video.shape == expected.shape
     assert max_diff(video, expected) < TOL * max(1.0, float(np.abs(expected).max()))
+
+
+def test_bf16_folder_equals_its_float32_values(fixture_vae, tmp_path):
+    """A BF16 file decodes exactly like a float32 dict holding the same (rounded) values."""
+    params = {k: fixture_vae.params[k] for k in fixture_vae.params}
+    folder = save_component(tmp_path / "vae", fixture_vae.config, params, dtype="BF16")
+    bf16 = load_vae(folder)
+    rounded = LTXVideoVAE({k: bf16.params[k] for k in bf16.params}, bf16.config)
+    latent = np.load(FIXTURE / "video_posterior_mean.npy")
+    assert max_diff(bf16.decode(latent), rounded.decode(latent)) == 0.0
+    assert max_diff(bf16.decode(latent), fixture_vae.decode(latent)) < 0.1   # BF16 rounding
 
 
 # ----------------------------------------------------------------------------- errors
