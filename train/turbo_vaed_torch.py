@@ -194,7 +194,7 @@ class TurboVAEDDecoderTorch(nn.Module):
         return self.conv_out(F.silu(pixel_norm(x)))
 
     @classmethod
-    def from_component(cls, path) -> "TurboVAEDDecoderTorch":
+    def from_component(cls, path) -> TurboVAEDDecoderTorch:
         """A tinyi2v component folder (config.json + weights, e.g. FP16): weights upcast to
         float32, loaded strictly (distillation-only heads skipped), eval mode."""
         from tinyi2v.weights import Component

@@ -9,10 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import SHARED, need  # noqa: E402
-from tinyi2v.io.safetensors import load_file  # noqa: E402
-from tinyi2v.vae.turbo_vaed import official_config, param_shapes  # noqa: E402
-from train.turbo_vaed_torch import TurboVAEDDecoderTorch  # noqa: E402
+from conftest import SHARED, need
+
+from tinyi2v.io.safetensors import load_file
+from tinyi2v.vae.turbo_vaed import official_config, param_shapes
+from train.turbo_vaed_torch import TurboVAEDDecoderTorch
 
 FIXTURE = SHARED / "fixtures" / "turbo-vaed-tiny"
 # Fixture README: float32 vs float64 of the upstream model differs by up to 9e-5; suggested bar
