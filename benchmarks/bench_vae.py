@@ -5,10 +5,11 @@
 
 Tasks: `encode` one 1280x720 frame (the guide image) with the full-size LTX-Video 0.9.0 VAE;
 `decode` a 1x128x3x23x40 latent (17 frames at 1280x736) with its decoder; `turbo` the same latent
-with the Turbo-VAED decoder (tinyi2v only: its reference class lives in a diffusers fork). The
-models get random weights with the official shapes, written FP16 to a temporary folder (as
-tinyi2v ships models); torch loads the same weights as float32, as MobileI2V runs its VAE, and
-materialises only the half of the autoencoder that the task uses. Each contender runs in its own
+with the Turbo-VAED decoder (its reference class lives in a diffusers fork, so torch there is our
+independent whole-tensor implementation, train/turbo_vaed_torch.py). The models get random
+weights with the official shapes, written FP16 to a temporary folder (as tinyi2v ships models);
+torch loads the same weights as float32, as MobileI2V runs its VAE, and materialises only the half
+of the autoencoder that the task uses. Each contender runs in its own
 process, so peak RSS (weights included) is its own. Not a test: compare the ratios of one run.
 """
 from __future__ import annotations
@@ -88,7 +89,18 @@ def worker(kind: str, task: str, model: str, repeat: int, out: str) -> None:
     if kind == "build":
         return build_model(Path(model), task, seed=0)
     x = inputs(task)
-    if kind == "torch":
+    if kind == "torch" and task == "turbo":
+        import torch
+
+        from train.turbo_vaed_torch import TurboVAEDDecoderTorch
+
+        net = TurboVAEDDecoderTorch.from_component(model)   # FP16 weights upcast to float32
+        xt = torch.from_numpy(x)
+
+        def call():
+            with torch.inference_mode():
+                return net(xt).numpy()
+    elif kind == "torch":
         import torch
         from diffusers import AutoencoderKLLTXVideo
 
@@ -155,11 +167,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks.split(","):
             contenders = args.contenders.split(",")
-            if task == "turbo":
-                if importlib.util.find_spec("tinyi2v.vae.turbo_vaed") is None:
-                    print("turbo: skipped (tinyi2v.vae.turbo_vaed does not exist yet)")
-                    continue
-                contenders = [k for k in contenders if k != "torch"]
+            if task == "turbo" and importlib.util.find_spec("tinyi2v.vae.turbo_vaed") is None:
+                print("turbo: skipped (tinyi2v.vae.turbo_vaed does not exist yet)")
+                continue
             model = Path(tmp) / ("turbo" if task == "turbo" else "ltx")   # encode + decode share
             if not model.exists():
                 print(f"{task}: building a random-weight model with the official shapes (FP16) ...")
