@@ -9,8 +9,8 @@ with the Turbo-VAED decoder (its reference class lives in a diffusers fork, so t
 independent whole-tensor implementation, train/turbo_vaed_torch.py). The models get random
 weights with the official shapes, written FP16 to a temporary folder (as tinyi2v ships models);
 torch loads the same weights as float32, as MobileI2V runs its VAE, and materialises only the half
-of the autoencoder that the task uses. Each contender runs in its own
-process, so peak RSS (weights included) is its own. Not a test: compare the ratios of one run.
+of the autoencoder that the task uses. Each contender runs in its own process, so peak RSS
+(weights included) is its own. Not a test: compare the ratios of one run.
 """
 from __future__ import annotations
 
