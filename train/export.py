@@ -1,0 +1,91 @@
+"""Stage (d): a tinyi2v model folder from the trained VAE and a trained denoiser (FP16).
+
+    python -m train.export --vae runs/vae/vae --denoiser runs/student --out weights/tinyi2v-demo
+    python -m train.export --vae runs/vae/vae --denoiser runs/teacher --out weights/tinyi2v-teacher
+
+Writes, next to --out, a complete folder and renames it into place once `tinyi2v.Pipeline`
+loads it and it is under --max-mb:
+
+    model_index.json                 components + defaults (height, width, frames, fps, motion)
+    transformer/                     the runtime config (tinyi2v.denoiser.official_config) + FP16
+    vae/                             the diffusers config.json as is + FP16, diffusers key names
+    scheduler/scheduler_config.json  the denoiser run's schedule: the student's explicit sigmas
+                                     (with the teacher's schedule recorded beside them), or the
+                                     teacher's shift-3 step count
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tinyi2v.convert import convert_folder
+from tinyi2v.pipeline import DEFAULTS, Pipeline
+from tinyi2v.weights import save_model_index
+
+COMPONENTS = {"transformer": ["tinyi2v", "MobileI2VTransformer"],
+              "vae": ["diffusers", "AutoencoderKLLTXVideo"],
+              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export(vae: Path, denoiser: Path, out: Path, defaults: dict, max_mb: float) -> int:
+    """Write the model folder `out` (which must not exist yet); returns its size in bytes."""
+    if out.exists():
+        raise SystemExit(f"{out}: already exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        convert_folder(vae, tmp / "vae", "float16")
+        convert_folder(denoiser / "transformer", tmp / "transformer", "float16")
+        (tmp / "scheduler").mkdir()
+        shutil.copy(denoiser / "scheduler" / "scheduler_config.json", tmp / "scheduler")
+        save_model_index(tmp, COMPONENTS, defaults)
+        pipe = Pipeline.load(tmp)
+        plan = pipe.plan((defaults["height"], defaults["width"]))
+        sizes = {name: folder_bytes(tmp / name) for name in COMPONENTS}
+        total = folder_bytes(tmp)
+        print(f"latent {list(plan.latent_shape)} for {defaults['frames']}x{plan.height}x"
+              f"{plan.width}, {plan.steps} steps (sigmas {[round(float(s), 4) for s in plan.sigmas]})")
+        print("FP16 size: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sizes.items())
+              + f"; total {total / 2**20:.2f} MiB ({total / 1e6:.2f} MB)")
+        if total > max_mb * 1e6:
+            raise SystemExit(f"the model is {total / 1e6:.2f} MB, over --max-mb {max_mb}")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out}")
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the full-run settings of train/README.md."""
+    parser = argparse.ArgumentParser(prog="python -m train.export",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--vae", type=Path, required=True, help="the VAE folder of train.vae")
+    parser.add_argument("--denoiser", type=Path, required=True,
+                        help="a train.teacher or train.distill run folder")
+    parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    for name in ("height", "width", "frames"):
+        parser.add_argument(f"--{name}", type=int, default=DEFAULTS[name])
+    for name in ("fps", "motion"):
+        parser.add_argument(f"--{name}", type=float, default=DEFAULTS[name])
+    parser.add_argument("--max-mb", type=float, default=40.0, help="size limit of the folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    defaults = {k: getattr(args, k) for k in ("height", "width", "frames", "fps", "motion")}
+    export(args.vae, args.denoiser, args.out, defaults, args.max_mb)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""Stage (a): train a small LTX-Video VAE (diffusers `AutoencoderKLLTXVideo`, 0.9.0 blocks, so the
+numpy runtime's `tinyi2v/vae/ltx.py` runs it) on procedural clips of the training photos.
+
+    python -m train.vae --cache /work/data-cache --out runs/vae --max-minutes 30
+
+Architecture (defaults; train/README.md explains the choice): patch 8 (space-to-depth 8x8, 192
+channels) then two stride-2 levels: 32x spatial, 4x temporal compression, 32 latent channels.
+A 17x256x384 clip becomes a latent [32, 5, 8, 12]: 480 denoiser tokens. Encoder channels
+32/64/128, decoder 128/96/64 (the decoder sets the picture quality, the encoder only runs once
+per video), one resnet per level: 10.2 M parameters, 20 MB in FP16.
+
+Loss per crop: L1(recon, clip) + grad_weight * L1 of their spatial finite differences (edges;
+L1 alone blurs) + kl_weight * mean KL(posterior || N(0, I)), on a posterior sample. Crops of
+deployment-size clips: `make_clip` at 256x384 keeps the motion (pixels per frame) and detail
+scale the model will see, and 128x192 crops of it keep a step cheap.
+
+The product, RUN/vae/, is a diffusers folder (config.json + FP32 safetensors) whose latents are
+rescaled to unit standard deviation (see `normalise_latents_`): the runtime and the denoiser use
+raw latents, as MobileI2V does (scaling_factor 1.0, no per-channel statistics).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLLTXVideo
+
+from tinyi2v.pipeline import DEFAULTS
+from train.common import Losses, Run, add_loop_arguments, photos, prefetch, to_video, train_loop
+from train.data import make_clip
+
+
+def vae_config(latent_channels: int = 32, encoder_channels: Sequence[int] = (32, 64, 128),
+               decoder_channels: Sequence[int] = (64, 96, 128), layers: int = 1,
+               patch_size: int = 8) -> dict:
+    """Keyword arguments of AutoencoderKLLTXVideo for a 0.9.0-style VAE: conv downsampling, no
+    timestep conditioning or noise injection. Every level but the last halves T, H and W, so
+    the compression is patch_size * 2^(levels - 1) in space and 2^(levels - 1) in time.
+    Decoder channels are listed from the full-resolution level down, as diffusers does."""
+    levels = len(encoder_channels)
+    if len(decoder_channels) != levels:
+        raise ValueError("encoder and decoder need the same number of levels")
+    scaling = (True,) * (levels - 1) + (False,)
+    return {
+        "in_channels": 3, "out_channels": 3, "latent_channels": latent_channels,
+        "block_out_channels": tuple(encoder_channels),
+        "decoder_block_out_channels": tuple(decoder_channels),
+        "layers_per_block": (layers,) * (levels + 1),
+        "decoder_layers_per_block": (layers,) * (levels + 1),
+        "spatio_temporal_scaling": scaling, "decoder_spatio_temporal_scaling": scaling,
+        "down_block_types": ("LTXVideoDownBlock3D",) * levels,
+        "downsample_type": ("conv",) * levels,
+        "decoder_inject_noise": (False,) * (levels + 1),
+        "upsample_residual": (False,) * levels, "upsample_factor": (1,) * levels,
+        "timestep_conditioning": False, "patch_size": patch_size, "patch_size_t": 1,
+        "scaling_factor": 1.0, "encoder_causal": True, "decoder_causal": False,
+    }
+
+
+def clip_batch(images: list[np.ndarray], rng: np.random.Generator, clips: int, frames: int,
+               size: tuple[int, int], crop: tuple[int, int], crops_per_clip: int) -> torch.Tensor:
+    """`clips` random clips, `crops_per_clip` random crops of each -> [B, 3, frames, *crop]."""
+    out = []
+    for _ in range(clips):
+        clip, _ = make_clip(images[rng.integers(len(images))], rng, frames, size)
+        for _ in range(crops_per_clip):
+            y = rng.integers(size[0] - crop[0] + 1)
+            x = rng.integers(size[1] - crop[1] + 1)
+            out.append(to_video(clip[:, y:y + crop[0], x:x + crop[1]]))
+    return torch.stack(out)
+
+
+def vae_losses(vae: AutoencoderKLLTXVideo, video: torch.Tensor, kl_weight: float,
+               grad_weight: float) -> Losses:
+    """video [B, 3, T, H, W] in [-1, 1] -> {"loss", "l1", "grad", "kl"}."""
+    posterior = vae.encode(video).latent_dist
+    recon = vae.decode(posterior.sample()).sample                 # [B, 3, T, H, W]
+    l1 = (recon - video).abs().mean()
+    grad = sum((torch.diff(recon, dim=d) - torch.diff(video, dim=d)).abs().mean() for d in (3, 4))
+    # the log-variance is one channel broadcast to all (LTX); KL per latent element, averaged
+    kl = 0.5 * (posterior.mean.square() + posterior.var - 1 - posterior.logvar).mean()
+    return {"loss": l1 + grad_weight * grad + kl_weight * kl, "l1": l1, "grad": grad, "kl": kl}
+
+
+@torch.no_grad()
+def normalise_latents_(vae: AutoencoderKLLTXVideo, std: float) -> None:
+    """Rescale the latent space by 1/std, exactly, inside the weights: the encoder head's mean
+    channels are divided by std and its log-variance channel shifted by -2 log(std); the
+    decoder's first conv is multiplied by std (a conv with zero padding is linear, so the
+    decoder's output is unchanged). The denoiser then sees unit-scale latents, like its noise."""
+    head = vae.encoder.conv_out.conv                              # -> latent_channels + 1
+    L = vae.config.latent_channels
+    head.weight[:L] /= std
+    head.bias[:L] /= std
+    head.bias[L] -= 2 * math.log(std)
+    vae.decoder.conv_in.conv.weight *= std
+
+
+def reconstruction_metrics(vae: AutoencoderKLLTXVideo, videos: torch.Tensor) -> dict[str, float]:
+    """Posterior-mean reconstruction of full clips [N, 3, T, H, W]: L1 and PSNR (on [0, 1])."""
+    l1, psnr = [], []
+    for video in videos:
+        recon = vae.decode(vae.encode(video[None]).latent_dist.mean).sample.clamp(-1, 1)[0]
+        l1.append(float((recon - video).abs().mean()))
+        psnr.append(float(10 * torch.log10(4 / (recon - video).square().mean())))
+    return {"l1": float(np.mean(l1)), "psnr": float(np.mean(psnr))}
+
+
+def fixed_clips(images: list[np.ndarray], count: int, frames: int, size: tuple[int, int],
+                seed: int) -> torch.Tensor:
+    """`count` clips from a seeded generator, the same in every evaluation: [N, 3, T, H, W]."""
+    rng = np.random.default_rng(seed)
+    return torch.stack([to_video(make_clip(images[i % len(images)], rng, frames, size)[0])
+                        for i in range(count)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the full-run settings of train/README.md."""
+    parser = argparse.ArgumentParser(prog="python -m train.vae", description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, required=True, help="photo cache (train.data fetch)")
+    add_loop_arguments(parser, steps=2600, batch=4, lr=5e-4, warmup=100, eval_every=1000)
+    parser.add_argument("--latent-channels", type=int, default=32)
+    parser.add_argument("--encoder-channels", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--decoder-channels", type=int, nargs="+", default=[64, 96, 128])
+    parser.add_argument("--layers", type=int, default=1, help="resnets per level")
+    parser.add_argument("--patch-size", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=9, help="frames per training clip")
+    parser.add_argument("--size", type=int, nargs=2,
+                        default=[DEFAULTS["height"], DEFAULTS["width"]],
+                        help="clip height, width (the runtime's default size)")
+    parser.add_argument("--crop", type=int, nargs=2, default=[128, 192], help="crop height, width")
+    parser.add_argument("--crops-per-clip", type=int, default=2)
+    parser.add_argument("--kl-weight", type=float, default=1e-4)
+    parser.add_argument("--grad-weight", type=float, default=0.5)
+    parser.add_argument("--eval-clips", type=int, default=4,
+                        help="held-out clips of the runtime's default length (17 frames)")
+    parser.add_argument("--scale-clips", type=int, default=8,
+                        help="training clips whose latent std sets the latent scale")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch % args.crops_per_clip:
+        parser.error("--batch must be a multiple of --crops-per-clip")
+
+    run = Run(args.out, args)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKLLTXVideo(**vae_config(args.latent_channels, args.encoder_channels,
+                                             args.decoder_channels, args.layers, args.patch_size))
+    size, crop = tuple(args.size), tuple(args.crop)
+    train_images = photos(args.cache, "train")
+    heldout_images = photos(args.cache, "heldout")
+    eval_videos = fixed_clips(heldout_images, args.eval_clips, DEFAULTS["frames"], size, seed=1234)
+    with torch.no_grad():
+        latent = vae.encode(eval_videos[:1]).latent_dist.mean
+    run.log({"parameters": sum(p.numel() for p in vae.parameters()),
+             "latent_per_clip": list(latent.shape[1:])})
+    rng = np.random.default_rng([args.seed, run.first_step])
+    batches = prefetch(lambda: clip_batch(train_images, rng, args.batch // args.crops_per_clip,
+                                          args.frames, size, crop, args.crops_per_clip))
+
+    def loss_fn(step: int) -> Losses:
+        return vae_losses(vae, next(batches), args.kl_weight, args.grad_weight)
+
+    trained = train_loop(run, vae, loss_fn, lambda m: reconstruction_metrics(m, eval_videos))
+
+    trained.eval()
+    with torch.no_grad():
+        scale_videos = fixed_clips(train_images, args.scale_clips, DEFAULTS["frames"], size,
+                                   seed=args.seed + 1)
+        means = torch.cat([trained.encode(v[None]).latent_dist.mean for v in scale_videos])
+        std = float(means.std())
+        normalise_latents_(trained, std)
+    run.log({"latent_std_before": std, "latent_mean_before": float(means.mean())})
+    trained.save_pretrained(args.out / "vae")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
