@@ -185,3 +185,13 @@ def test_ctrl_c_leaves_no_file(model, photo, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert list(tmp_path.glob("*clip*")) == []
+
+
+def test_help_does_not_import_numba():
+    code = ("import sys\nfrom tinyi2v.cli import cli\n"
+            "for args in (['--help'], ['animate', '--help'], ['convert', '--help']):\n"
+            "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
+            "assert 'numba' not in sys.modules, 'numba imported'\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "animate" in run.stdout and "--motion" in run.stdout
