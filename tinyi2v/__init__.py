@@ -1,6 +1,8 @@
 """tinyi2v: MobileI2V image-to-video inference with numpy alone.
 
     import tinyi2v
+    pipe = tinyi2v.Pipeline.load("my-model")     # photo -> frames [T, H, W, 3] uint8
+    frames = pipe("photo.jpg", seed=0)
     f = tinyi2v.load_denoiser("my-model")        # or its transformer/ folder
     v = f(x, timestep, cond_mask, flow_score)    # the official denoiser's call
 
@@ -8,7 +10,8 @@ Kernels: `TINYI2V_BACKEND=auto|numpy|numba` (numba optional, imported on first u
 """
 from .denoiser import Denoiser, load_denoiser
 from .errors import FormatError, TinyI2VError
+from .pipeline import Pipeline
 from .vae import load_vae
 
-__all__ = ["Denoiser", "FormatError", "TinyI2VError", "load_denoiser", "load_vae"]
+__all__ = ["Denoiser", "FormatError", "Pipeline", "TinyI2VError", "load_denoiser", "load_vae"]
 __version__ = "0.1.0"
