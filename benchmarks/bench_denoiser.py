@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,11 @@ USEFUL_GFLOP = 1437.4              # per forward at 2760 tokens, t/flow rows ded
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries the
+    parent's peak into a forked and exec'd child, so every worker would report at least the
+    memory of the process that started it."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def inputs():
@@ -60,8 +63,6 @@ def build_model(folder: Path, seed: int) -> None:
 
 def worker(kind: str, model: str, repeat: int, out: str) -> None:
     """Run `repeat` forwards in this process; print one JSON line with the timings."""
-    import numpy as np
-
     if kind == "sgemm":
         return print(json.dumps({"gflops": sgemm_gflops()}))
     x, t, mask, flow = inputs()
@@ -89,12 +90,20 @@ def worker(kind: str, model: str, repeat: int, out: str) -> None:
 
         def forward():
             return f(x, t, mask, flow)
+    time_calls(forward, repeat, out)
+
+
+def time_calls(call, repeat: int, out: str) -> None:
+    """Time `repeat` calls, save the last result to `out` and print the JSON line the parent
+    process reads (shared by the benchmark scripts)."""
+    import numpy as np
+
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        v = forward()
+        result = call()
         times.append(time.perf_counter() - start)
-    np.save(out, v)
+    np.save(out, result)
     print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb()}))
 
 

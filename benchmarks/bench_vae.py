@@ -21,28 +21,19 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_denoiser import sgemm_gflops
+from bench_denoiser import sgemm_gflops, time_calls  # noqa: E402
 
 FRAME = (1, 3, 1, 720, 1280)       # the guide image as a one-frame video
 LATENT = (1, 128, 3, 23, 40)       # 17 frames of 1280x736 (cropped to 720 by the pipeline)
 TASKS = {"encode": "encode one 720x1280 frame (LTX 0.9.0 encoder)",
          "decode": "decode 1x128x3x23x40 -> 17x736x1280 (LTX 0.9.0 decoder)",
          "turbo": "decode 1x128x3x23x40 -> 17x736x1280 (Turbo-VAED decoder)"}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries the
-    parent's peak into a forked and exec'd child, so every worker would report at least the
-    memory of the process that started it."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def random_tensors(shapes: dict, seed: int) -> dict:
@@ -131,13 +122,7 @@ def worker(kind: str, task: str, model: str, repeat: int, out: str) -> None:
 
         def call():
             return vae.encode(x)[0] if task == "encode" else vae.decode(x)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        y = call()
-        times.append(time.perf_counter() - start)
-    np.save(out, y)
-    print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb()}))
+    time_calls(call, repeat, out)
 
 
 def main() -> None:
