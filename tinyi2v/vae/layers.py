@@ -25,7 +25,6 @@ __all__ = [
     "conv3d",
     "conv_frame",
     "conv_taps",
-    "depth_to_space2",
     "depth_to_space_ltx",
     "depthwise_conv3d",
     "layer_norm",
@@ -241,20 +240,12 @@ def unpatchify(x: np.ndarray, p: int) -> np.ndarray:
     return v.transpose(0, 1, 5, 2, 4, 3).reshape(T, h * p, w * p, -1)
 
 
-def depth_to_space2(x: np.ndarray) -> np.ndarray:
-    """3D depth-to-space by 2 in LTX's channel order, no frame dropped.
+def depth_to_space_ltx(x: np.ndarray) -> np.ndarray:
+    """LTX's upsampler rearrangement: 3D depth-to-space by 2, first output frame dropped.
 
-    [T, H, W, 8C] -> [2T, 2H, 2W, C]; input channel c*8 + dt*4 + dy*2 + dx lands at
-    frame 2t + dt, row 2h + dy, column 2w + dx.
+    [T, H, W, 8C] -> [2T - 1, 2H, 2W, C]; input channel c*8 + dt*4 + dy*2 + dx lands at
+    frame 2t + dt - 1, row 2h + dy, column 2w + dx.
     """
     T, H, W, _ = x.shape
     v = x.reshape(T, H, W, -1, 2, 2, 2)                        # [T, H, W, C, dt, dy, dx]
-    return v.transpose(0, 4, 1, 5, 2, 6, 3).reshape(2 * T, 2 * H, 2 * W, -1)
-
-
-def depth_to_space_ltx(x: np.ndarray) -> np.ndarray:
-    """LTX's upsampler rearrangement: `depth_to_space2` with the first output frame dropped.
-
-    [T, H, W, 8C] -> [2T - 1, 2H, 2W, C].
-    """
-    return depth_to_space2(x)[1:]
+    return v.transpose(0, 4, 1, 5, 2, 6, 3).reshape(2 * T, 2 * H, 2 * W, -1)[1:]
