@@ -66,7 +66,7 @@ def test_attributes(fixture_vae):
 
 # ----------------------------------------------------------------------------- streaming
 
-@pytest.mark.parametrize("shape", [(2, 8, 3, 3, 5), (1, 8, 1, 1, 2), (1, 8, 2, 4, 1)])
+@pytest.mark.parametrize("shape", [(1, 8, 3, 3, 5), (1, 8, 1, 1, 2), (2, 8, 2, 4, 1)])
 @pytest.mark.parametrize("slab_bytes", [1, 20_000])     # one row per slab / a few rows
 def test_streamed_decode_equals_layer_by_layer(fixture_vae, shape, slab_bytes):
     latent = np.random.default_rng(sum(shape)).standard_normal(shape, dtype=np.float32)
