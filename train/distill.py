@@ -1,7 +1,7 @@
 """Stage (c): the two-step student, by time-step distillation of the teacher's trajectories.
 
     python -m train.distill --teacher runs/teacher --latents runs/latents --out runs/student \\
-        --max-minutes 25
+        --max-minutes 18
 
 1. Trajectories (no gradients): for --trajectories guide latents and flow scores of training
    clips, the teacher's own Euler sampler (its scheduler: TEACHER_STEPS shift-3 steps, the guide

@@ -1,7 +1,7 @@
 """Stage (b0): encode clips with the frozen VAE into a latent dataset on disk.
 
     python -m train.latents --cache /work/data-cache --vae runs/vae/vae --out runs/latents \\
-        --clips 1500 --max-minutes 12
+        --max-minutes 13
 
 The VAE never changes after stage (a), so the teacher and the distillation read latents instead
 of rendering and encoding clips at every step (rendering + encoding costs about as much as a
@@ -62,11 +62,13 @@ def encode_clips(vae: AutoencoderKLLTXVideo, images: list[np.ndarray], count: in
         out["flow"].append(np.array([f for _, f, _ in items], np.float32))
         out["photo"].append(np.array([i for _, _, i in items], np.int32))
         done += len(items)
+    if not done:
+        raise SystemExit("the time budget was spent before any clip was encoded")
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def load_latents(path: Path) -> dict[str, torch.Tensor]:
-    """A latent dataset file (train.npz / heldout.npz) as float32 tensors."""
+    """A latent dataset file (train.npz / heldout.npz) as tensors."""
     with np.load(path) as data:
         return {k: torch.from_numpy(data[k]) for k in data.files}
 

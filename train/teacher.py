@@ -1,6 +1,6 @@
 """Stage (b): the flow-matching teacher, a small MobileI2V denoiser on the frozen VAE's latents.
 
-    python -m train.teacher --latents runs/latents --out runs/teacher --max-minutes 40
+    python -m train.teacher --latents runs/latents --out runs/teacher --max-minutes 35
 
 Architecture: `MobileI2VDenoiser` (train/mobilei2v_torch.py, the official key names) at hidden
 144 = 2 heads of 72 (upstream hard-codes head size 72), FFN 2.5x (360), 8 blocks with softmax
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.teacher",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--latents", type=Path, required=True, help="train.latents output")
-    add_loop_arguments(parser, steps=3500, batch=8, lr=5e-4, warmup=200, eval_every=500)
+    add_loop_arguments(parser, steps=3000, batch=8, lr=5e-4, warmup=200, eval_every=500)
     parser.add_argument("--hidden", type=int, default=144, help="a multiple of 72")
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--ema", type=float, default=0.999)

@@ -18,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 from test_data import synthetic_photo  # noqa: E402
 from tinyi2v.denoiser import load_denoiser as load_numpy_denoiser  # noqa: E402
 from tinyi2v.pipeline import Pipeline  # noqa: E402
-from tinyi2v.sampler import guide_mask  # noqa: E402
+from tinyi2v.sampler import guide_mask, sample  # noqa: E402
 from tinyi2v.vae import load_vae  # noqa: E402
 from tinyi2v.weights import Component  # noqa: E402
 from train import distill, export, latents, teacher, vae  # noqa: E402
@@ -205,6 +205,14 @@ def test_numpy_denoiser_matches_torch_on_exported_weights(runs: Path, random_tea
           f"max |numpy - torch| {np.abs(got - expected).max():.3g}")
     assert np.abs(expected).max() > 0.5
     assert np.abs(got - expected).max() <= PARITY
+
+    # the distillation's torch Euler is the runtime sampler: same 2-step result
+    guide, sigmas = x[:1, :, :1], [1.0, 0.75, 0.0]
+    with torch.no_grad():
+        _, expected = distill.euler(reference, torch.from_numpy(x[:1]), torch.from_numpy(guide),
+                                    torch.tensor([2.0]), sigmas, 0.75)
+    got = sample(ours, x[:1], guide, sigmas, 2.0)
+    assert np.abs(got - expected.numpy()).max() <= PARITY
 
 
 def test_numpy_vae_matches_diffusers_on_exported_weights(runs: Path) -> None:
