@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Official state-dict entries that the forward pass never reads (spec §4.5, §9).
-_DEAD_KEYS = ("pos_embed", "pos_embed_temporal")
-_DEAD_PREFIXES = ("y_embedder.", "attention_y_norm.")
+from tinyi2v.denoiser import is_dead_key
+
 
 Grid = tuple[int, int, int]
 
@@ -296,7 +295,7 @@ class MobileI2VDenoiser(nn.Module):
         live = {
             key: value
             for key, value in state_dict.items()
-            if key not in _DEAD_KEYS and not key.startswith(_DEAD_PREFIXES)
+            if not is_dead_key(key)
         }
         return self.load_state_dict(live, strict=True)
 
