@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", type=Path, required=True, help="train.teacher output")
     parser.add_argument("--latents", type=Path, required=True, help="train.latents output")
     add_loop_arguments(parser, steps=500, batch=8, lr=1e-4, warmup=50, eval_every=100)
-    parser.add_argument("--trajectories", type=int, default=512)
+    parser.add_argument("--trajectories", type=int, default=384)
     parser.add_argument("--mid-sigma", type=float, default=0.75,
                         help="the student's middle sigma (0.75: shift 3 applied to 0.5)")
     parser.add_argument("--eval-clips", type=int, default=16)

@@ -40,8 +40,9 @@ from train.common import (EMA, Losses, Run, add_loop_arguments, load_component_s
 from train.latents import load_latents
 from train.mobilei2v_torch import MobileI2VDenoiser
 
-TEACHER_STEPS = 16          # the teacher's sampling steps (shift 3): its exported schedule, and
-                            # the trajectories the student is distilled from
+TEACHER_STEPS = 30          # the teacher's sampling steps: the published MobileI2V sampler (30
+                            # shift-3 Euler steps), its exported schedule and the trajectories the
+                            # student is distilled from
 
 
 def teacher_config(in_channels: int, hidden_size: int = 144, num_blocks: int = 8) -> dict:
