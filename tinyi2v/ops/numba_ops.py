@@ -21,7 +21,17 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 # Allow reassociation so reductions vectorise; keep NaN/inf semantics (no nnan/ninf).
-_jit = numba.njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "nsz", "arcp"})
+_FLAGS = {"parallel": True, "fastmath": {"contract", "reassoc", "nsz", "arcp"}}
+
+
+def _jit(fn):
+    """Compile once and keep the machine code on disk where numba finds a writable folder
+    (beside this file, or the user's cache folder). A read-only install with no writable home
+    has none, and numba's cache=True then raises: compile on each run there instead."""
+    try:
+        return numba.njit(cache=True, **_FLAGS)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+        return numba.njit(**_FLAGS)(fn)
 
 
 @_jit
