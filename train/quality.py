@@ -4,7 +4,7 @@
         --teacher weights/tinyi2v-teacher --out docs
 
 Everything runs through the numpy runtime (`tinyi2v.Pipeline`), i.e. what a user gets. Metrics
-(issue #5), at the model's default 256x384 and 17 frames:
+(issue #5), at the student's default size and frame count (the demo model: 256x384, 17):
 - VAE reconstruction PSNR: held-out clips rendered as in training (`train.data.make_clip`),
   encoded (posterior mean) and decoded; and each held-out photo as a one-frame video.
 - first-frame PSNR: generated frame 0 against the input photo as the pipeline fitted it.
@@ -39,9 +39,7 @@ from tinyi2v.pipeline import to_uint8
 from train.data import bilinear, load_photo, make_clip, read_manifest, reference_scale
 
 MOTIONS = (0.5, 1.0, 2.0, 4.0, 8.0)   # requested flow scores (training clips: median ~2, 95% < ~10)
-SIZE = (256, 384)                      # (H, W): the demo model's default
-FRAMES = 17
-SHEET_FRAMES = (0, 4, 8, 12, 16)
+SHEET_COLUMNS = 5                      # frames per clip on the contact sheet, evenly spaced
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,18 +165,19 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 # The measurement
 # --------------------------------------------------------------------------------------------
 
-def vae_psnr(pipe: tinyi2v.Pipeline, photos: list[np.ndarray], clips_per_photo: int,
-             seed: int) -> dict[str, float]:
+def vae_psnr(pipe: tinyi2v.Pipeline, photos: list[np.ndarray], size: tuple[int, int],
+             frames: int, clips_per_photo: int, seed: int) -> dict[str, float]:
     """Reconstruction PSNR of the model's VAE: held-out clips and still photos."""
+    H, W = size
     clip_scores, still_scores = [], []
     for i, photo in enumerate(photos):
         for k in range(clips_per_photo):
-            clip, _ = make_clip(photo, np.random.default_rng([seed, i, k]), FRAMES, SIZE)
+            clip, _ = make_clip(photo, np.random.default_rng([seed, i, k]), frames, (H, W))
             video = clip.transpose(3, 0, 1, 2)[None]                       # [1, 3, T, H, W]
             mean, _ = pipe.vae.encode(video)
             recon = pipe.decoder.decode(mean)[0].transpose(1, 2, 3, 0)     # [T, H, W, 3]
             clip_scores.append(psnr(to_uint8(recon), to_uint8(clip)))
-        still = fit_image(photo, *SIZE)
+        still = fit_image(photo, H, W)
         video = (still.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)[None, :, None]
         mean, _ = pipe.vae.encode(video)
         recon = to_uint8(pipe.decoder.decode(mean)[0, :, 0].transpose(1, 2, 0))
@@ -187,23 +186,24 @@ def vae_psnr(pipe: tinyi2v.Pipeline, photos: list[np.ndarray], clips_per_photo: 
             "clips": len(clip_scores)}
 
 
-def animate_all(pipe: tinyi2v.Pipeline, photos: list[np.ndarray], seed: int
-                ) -> tuple[list[dict], dict[tuple[int, float], np.ndarray]]:
+def animate_all(pipe: tinyi2v.Pipeline, photos: list[np.ndarray], size: tuple[int, int],
+                frames: int, seed: int) -> tuple[list[dict], dict[tuple[int, float], np.ndarray]]:
     """Every held-out photo at every requested motion -> (per-clip records, the clips)."""
+    H, W = size
     records, clips = [], {}
     for i, photo in enumerate(photos):
-        guide = fit_image(photo, *SIZE)
+        guide = fit_image(photo, H, W)
         for motion in MOTIONS:
             timing: dict[str, float] = {}
 
             def progress(stage: str, step: int, total: int, elapsed: float,
                          timing: dict[str, float] = timing) -> None:
                 timing[stage] = elapsed                     # the last report is the stage's time
-            frames = pipe(photo, frames=FRAMES, height=SIZE[0], width=SIZE[1], seed=seed + i,
-                          motion=motion, progress=progress)
-            clips[i, motion] = frames
+            clip = pipe(photo, frames=frames, height=H, width=W, seed=seed + i, motion=motion,
+                        progress=progress)
+            clips[i, motion] = clip
             records.append({"photo": i, "motion": motion, "denoise_seconds": timing["denoise"],
-                            **clip_metrics(guide, frames)})
+                            **clip_metrics(guide, clip)})
     return records, clips
 
 
@@ -215,16 +215,21 @@ def summarise(records: list[dict]) -> dict[str, float]:
             "denoise_seconds": float(np.median([r["denoise_seconds"] for r in records]))}
 
 
+def sheet_frames(frames: int) -> list[int]:
+    return [round(t) for t in np.linspace(0, frames - 1, SHEET_COLUMNS)]
+
+
 def contact_sheet(rows: list[tuple[str, np.ndarray]], path: Path, scale: float = 0.5) -> None:
-    """A PNG grid: one labelled row of SHEET_FRAMES per clip [T, H, W, 3]."""
-    H, W = (int(s * scale) for s in rows[0][1].shape[1:3])
+    """A PNG grid: one labelled row of SHEET_COLUMNS frames per clip [T, H, W, 3]."""
+    T, H, W = rows[0][1].shape[:3]
+    H, W = int(H * scale), int(W * scale)
     label = 18
-    sheet = Image.new("RGB", (W * len(SHEET_FRAMES), (H + label) * len(rows)), "white")
+    sheet = Image.new("RGB", (W * SHEET_COLUMNS, (H + label) * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (title, frames) in enumerate(rows):
         y = r * (H + label)
         draw.text((4, y + 3), title, fill="black")
-        for c, t in enumerate(SHEET_FRAMES):
+        for c, t in enumerate(sheet_frames(T)):
             sheet.paste(Image.fromarray(frames[t]).resize((W, H), Image.Resampling.LANCZOS),
                         (c * W, y + label))
     tmp = path.with_suffix(".tmp.png")
@@ -232,8 +237,8 @@ def contact_sheet(rows: list[tuple[str, np.ndarray]], path: Path, scale: float =
     os.replace(tmp, path)
 
 
-def report(args: argparse.Namespace, names: list[str], vae: dict, results: dict,
-           seconds: float) -> str:
+def report(args: argparse.Namespace, names: list[str], size: tuple[int, int], frames: int,
+           vae: dict, results: dict, seconds: float) -> str:
     """docs/quality.md."""
     student, teacher = results["student"], results["teacher"]
     s, t = summarise(student["records"]), summarise(teacher["records"])
@@ -249,8 +254,8 @@ def report(args: argparse.Namespace, names: list[str], vae: dict, results: dict,
         "",
         f"{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} cores, backend "
         f"`{backend()}`, {seconds / 60:.1f} min. Held-out photos (never trained on, see "
-        f"`train/DATA.md`): {', '.join(names)}. Each is animated at {SIZE[1]}x{SIZE[0]}, "
-        f"{FRAMES} frames, with the requested flow scores {', '.join(map(str, MOTIONS))} "
+        f"`train/DATA.md`): {', '.join(names)}. Each is animated at {size[1]}x{size[0]}, "
+        f"{frames} frames, with the requested flow scores {', '.join(map(str, MOTIONS))} "
         f"(seed = photo index): {len(student['records'])} clips per model. The metrics are "
         "defined in the module docstring of `train/quality.py`; PSNR is over 8-bit RGB.",
         "",
@@ -310,7 +315,7 @@ def report(args: argparse.Namespace, names: list[str], vae: dict, results: dict,
     lines += [
         "",
         f"## Contact sheet\n\n![contact sheet]({args.sheet.name})\n",
-        f"Frames {', '.join(map(str, SHEET_FRAMES))} (left to right) of held-out clips, "
+        f"Frames {', '.join(map(str, sheet_frames(frames)))} (left to right) of held-out clips, "
         "half size; each photo by the teacher and the student with the same seed and flow score.",
         "",
         "## Reading these numbers",
@@ -337,21 +342,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vae-clips", type=int, default=2, help="clips per held-out photo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sheet-photos", type=int, default=3)
+    parser.add_argument("--photos", type=int, default=None, help="only the first N held-out")
     args = parser.parse_args(argv)
     args.sheet = args.out / "quality-contact-sheet.png"
 
     start = time.perf_counter()
     chosen = [p for p in read_manifest(args.cache / "manifest.json") if p.split == "heldout"]
+    chosen = chosen[:args.photos]
     photos = [load_photo(args.cache, p) for p in chosen]
+    pipes = {name: tinyi2v.Pipeline.load(getattr(args, name)) for name in ("teacher", "student")}
+    defaults = pipes["student"].defaults                    # both models at the student's default
+    size, frames = (defaults["height"], defaults["width"]), defaults["frames"]
     results = {}
-    for name in ("teacher", "student"):
-        pipe = tinyi2v.Pipeline.load(getattr(args, name))
-        steps = pipe.plan(SIZE, FRAMES, *SIZE).steps
-        records, clips = animate_all(pipe, photos, args.seed)
-        results[name] = {"path": getattr(args, name), "steps": steps, "records": records,
-                         "clips": clips}
+    for name, pipe in pipes.items():
+        records, clips = animate_all(pipe, photos, size, frames, args.seed)
+        results[name] = {"path": getattr(args, name), "steps": pipe.plan(size, frames).steps,
+                         "records": records, "clips": clips}
         print(f"{name}: {summarise(records)}", flush=True)
-    vae = vae_psnr(pipe, photos, args.vae_clips, args.seed)
+    vae = vae_psnr(pipes["student"], photos, size, frames, args.vae_clips, args.seed)
     print(f"vae: {vae}", flush=True)
     rows = []
     for i in range(min(args.sheet_photos, len(photos))):
@@ -361,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{motion:g}", results[name]["clips"][i, motion]))
     args.out.mkdir(parents=True, exist_ok=True)
     contact_sheet(rows, args.sheet)
-    text = report(args, [p.name for p in chosen], vae, results, time.perf_counter() - start)
+    text = report(args, [p.name for p in chosen], size, frames, vae, results, time.perf_counter() - start)
     tmp = args.out / "quality.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, args.out / "quality.md")

@@ -79,3 +79,36 @@ def test_psnr_and_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([1.5, 1.5, 3.5, 3.5],
                                                                              [1, 2, 3, 4])[0, 1])
+
+
+def test_quality_script_end_to_end(tmp_path):
+    """`python -m train.quality` on two tiny random models (never a trained model) and a photo
+    cache of synthetic photos: writes the report and a contact sheet of the right size."""
+    from PIL import Image
+
+    from tests.conftest import make_tiny_model
+    from train.data import Photo, write_manifest
+    from train.quality import main
+
+    cache = tmp_path / "cache"
+    (cache / "photos").mkdir(parents=True)
+    rows = []
+    for i in range(3):
+        file = f"photos/{i}.png"
+        Image.fromarray(textured((120, 180), seed=i)).save(cache / file)
+        rows.append(Photo(f"{i:064x}", file, "synthetic", "0", file, "CC0-1.0", "test", "test",
+                          180, 120, "train" if i == 0 else "heldout"))
+    write_manifest(cache / "manifest.json", rows)
+    teacher = make_tiny_model(tmp_path / "teacher")
+    student = make_tiny_model(tmp_path / "student", seed=1, scheduler={
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+        "num_train_timesteps": 1000, "sigmas": [1.0, 0.75, 0.0]})
+    out = tmp_path / "docs"
+    assert main(["--cache", str(cache), "--student", str(student), "--teacher", str(teacher),
+                 "--out", str(out), "--photos", "1", "--vae-clips", "1"]) == 0
+    text = (out / "quality.md").read_text()
+    rows = {line.split(" (")[0]: line.split(" | ") for line in text.splitlines()
+            if line.startswith(("| teacher (", "| student ("))}
+    assert rows["| teacher"][1] == "3" and rows["| student"][1] == "2"   # the steps column
+    sheet = Image.open(out / "quality-contact-sheet.png")
+    assert sheet.size == (5 * 48, 2 * (32 + 18))                       # 2 rows, half of 96x64
