@@ -186,6 +186,24 @@ def test_export_enforces_the_size_limit(runs: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "model").exists() and not list(tmp_path.iterdir())
 
 
+def test_export_links_the_vae_of_another_model(runs: Path, tmp_path: Path) -> None:
+    """--link-vae: vae/ is a relative link (the pair survives a move), not counted in the size."""
+    defaults = {"height": 32, "width": 48, "frames": 5, "fps": 8, "motion": 2.0}
+    student = tmp_path / "weights" / "student"
+    full = export.export(runs / "vae" / "vae", runs / "student", student, defaults, 40)
+    linked = export.export(None, runs / "teacher", tmp_path / "weights" / "teacher", defaults, 40,
+                           link_vae=student)
+    assert linked < full - export.folder_bytes(student / "vae") + 4096
+    moved = tmp_path / "moved"
+    (tmp_path / "weights").rename(moved)
+    link = moved / "teacher" / "vae"
+    assert link.is_symlink() and link.resolve() == (moved / "student" / "vae").resolve()
+    frames = Pipeline.load(moved / "teacher")(synthetic_photo(60, 90, seed=9), seed=0)
+    assert frames.shape == (5, 32, 48, 3)
+    with pytest.raises(SystemExit, match="exactly one"):
+        export.export(None, runs / "teacher", tmp_path / "x", defaults, 40)
+
+
 def test_numpy_denoiser_matches_torch_on_exported_weights(runs: Path, random_teacher: Path,
                                                          tmp_path: Path) -> None:
     """The exported FP16 transformer: the numpy runtime vs our torch reference on the same
