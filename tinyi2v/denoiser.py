@@ -20,7 +20,7 @@ import numpy as np
 
 from . import ops
 from .errors import FormatError, TinyI2VError
-from .weights import Component, check_tensors, component_dir
+from .weights import Component, check_config, check_tensors, component_dir
 
 Params = Mapping[str, np.ndarray]
 
@@ -289,5 +289,7 @@ def load_denoiser(path, use_mmap: bool | None = None) -> Denoiser:
     if comp.config.get("_class_name") != CLASS_NAME:
         raise FormatError(f"{comp.path}: not a {CLASS_NAME} config "
                           f"(_class_name {comp.config.get('_class_name')!r})")
+    reference = official_config()
+    check_config(comp.config, reference, str(comp.path), required=reference)
     check_tensors(comp.shapes(), param_shapes(comp.config), str(comp.path))
     return Denoiser(comp, comp.config)

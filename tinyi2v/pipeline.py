@@ -27,9 +27,11 @@ from .io.image import fit_image, load_image
 from .rng import gaussian_noise
 from .sampler import Progress, sample, schedule_from_config
 from .vae import load_vae
-from .weights import read_json
+from .weights import check_config, read_json
 
 DEFAULTS = {"height": 256, "width": 384, "frames": 17, "fps": 12, "motion": 2.0}
+# The types of the scheduler_config.json keys that sampler.schedule_from_config reads.
+SCHEDULER = {"shift": 3.0, "num_inference_steps": 30, "num_train_timesteps": 1000, "sigmas": [1.0]}
 
 
 @dataclass
@@ -63,11 +65,14 @@ class Pipeline:
         for name in ("transformer", "vae", "scheduler"):
             if name not in index:
                 raise FormatError(f"{path}: model_index.json lists no '{name}' component")
+        defaults = index.get("defaults", {})
+        check_config(defaults, DEFAULTS, f"{path / 'model_index.json'} defaults")
         scheduler = read_json(path / "scheduler" / "scheduler_config.json")
+        check_config(scheduler, SCHEDULER, str(path / "scheduler"))
         vae = load_vae(path / "vae")
         decoder = load_vae(path / "decoder") if "decoder" in index else vae
         return cls(load_denoiser(path / "transformer"), vae, decoder, scheduler,
-                   {**DEFAULTS, **index.get("defaults", {})}, path)
+                   {**DEFAULTS, **defaults}, path)
 
     # ------------------------------------------------------------------ step 1: plan
     def plan(self, image_size: tuple[int, int], frames: int | None = None,

@@ -15,10 +15,11 @@ matmul is ~300x slower than FP32, so compute always happens in FP32).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +38,66 @@ def read_json(path: Path) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not a readable JSON file ({e})") from None
+    # ValueError covers bad UTF-8 and bad JSON; RecursionError deeply nested brackets.
+    except (OSError, ValueError, RecursionError) as e:
+        raise FormatError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return data
+
+
+MAX_SIZE = 65536  # bounds every count and size in a config: loops over them stay short
+
+
+def _kind_ok(value: object, like: object, least: int) -> bool:
+    """Whether `value` has the JSON type of the reference value `like` (ints count as floats;
+    None stands for an optional integer), with ints in [least, MAX_SIZE] and floats finite."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(like, bool)
+    if like is None:
+        return value is None or _kind_ok(value, 1, least)
+    if isinstance(like, int):
+        return isinstance(value, int) and least <= value <= MAX_SIZE
+    if isinstance(like, float):
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, type(like))
+
+
+def check_config(config: object, reference: Mapping, where: str,
+                 required: Iterable[str] = ()) -> None:
+    """Refuse a config whose values do not have the types of `reference`'s (a list where a size
+    belongs, a string for a flag, a size of 0 or 10**12), before any code computes with them.
+
+    Scalar ints are sizes or counts: 1..MAX_SIZE; ints inside lists (layer counts, block
+    indices) may be 0. Lists are checked element by element against the reference's first
+    element. Keys in `required` must be present; keys not in `reference` are not checked.
+    """
+    if not isinstance(config, dict):
+        raise FormatError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    for key, like in reference.items():
+        if key not in config:
+            if key in required:
+                raise FormatError(f"{where}: config has no {key!r}")
+            continue
+        value = config[key]
+        if isinstance(like, list) and like:
+            ok = (isinstance(value, list) and len(value) <= MAX_SIZE
+                  and all(_kind_ok(v, like[0], 0) for v in value))
+            expected = f"a list, each item {_describe(like[0], 0)}"
+        else:
+            ok, expected = _kind_ok(value, like, 1), _describe(like, 1)
+        if not ok:
+            raise FormatError(f"{where}: config {key} = {value!r:.60} must be {expected}")
+
+
+def _describe(like: object, least: int) -> str:
+    if isinstance(like, bool):
+        return "true or false"
+    if like is None or isinstance(like, int):
+        return f"an integer in {least}..{MAX_SIZE}" + (" or null" if like is None else "")
+    if isinstance(like, float):
+        return "a finite number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(like), type(like).__name__)
 
 
 def component_dir(path: str | os.PathLike, name: str) -> Path:

@@ -345,9 +345,14 @@ class _ArchiveReader:
 
     def _byteorder(self) -> str:
         try:
-            text = self.zf.read(self.prefix + "byteorder").strip()
+            info = self.zf.getinfo(self.prefix + "byteorder")
         except KeyError:
             return "<"  # older torch wrote no byteorder record, and only little-endian
+        with self.zf.open(info) as f:
+            text = f.read(17)  # never more: the record may be a compressed zip bomb
+        if len(text) > 16:
+            raise FormatError(f"byteorder record is {info.file_size} bytes, not 'little' or 'big'")
+        text = text.strip()
         orders = {b"little": "<", b"big": ">"}
         if text not in orders:
             raise FormatError(f"unknown byteorder {text[:20]!r}")
@@ -399,7 +404,8 @@ class _Unpickler(pickle.Unpickler):
         try:
             return _GLOBALS[(module, name)]
         except KeyError:
-            raise FormatError(f"refusing to load '{module}.{name}': {_NOT_ALLOWED}") from None
+            what = f"{module}.{name}"[:80]  # names come from the file: any length
+            raise FormatError(f"refusing to load {what!r}: {_NOT_ALLOWED}") from None
 
     def persistent_load(self, pid: Any) -> _Storage:
         is_storage = isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[0], str)
@@ -479,7 +485,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
             raise FormatError(f"{where}: nesting too deep") from None
         except _BAD_FILE_ERRORS as exc:
             kind = type(exc).__name__
-            raise FormatError(f"{where}: malformed checkpoint ({kind}: {exc})") from None
+            # zipfile quotes raw header bytes, which can be long: keep the message one short line
+            detail = " ".join(str(exc).split())[:200]
+            raise FormatError(f"{where}: malformed checkpoint ({kind}: {detail})") from None
 
 
 def _load(file: io.BufferedReader) -> Any:

@@ -166,7 +166,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
             raise self._fail(f"{where}: expected an object with exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self._fail(f"{where}: unknown or unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise self._fail(f"{where}: shape {shape!r} is not a list of non-negative integers")

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import FormatError, TinyI2VError
 from ..weights import Component, check_tensors
+from ..weights import check_config as check_types
 from .layers import (
     conv3d,
     depth_to_space_ltx,
@@ -80,6 +81,7 @@ def official_config() -> dict:
 
 def check_config(cfg: Mapping, where: str) -> dict:
     """The config with diffusers' defaults filled in; FormatError for what this port lacks."""
+    check_types(cfg, official_config(), where)
     cfg = {**official_config(), **cfg}
 
     def refuse(field: str, why: str) -> FormatError:

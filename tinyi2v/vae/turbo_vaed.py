@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import FormatError, TinyI2VError
 from ..sampler import Progress
-from ..weights import Component, check_tensors
+from ..weights import Component, check_config, check_tensors
 from .layers import (
     conv2d,
     conv_frame,
@@ -434,7 +434,14 @@ class TurboVAEDDecoder:
         if cfg.get("_class_name") != CLASS_NAME:
             raise FormatError(f"{component.path}: not a {CLASS_NAME} config "
                               f"(_class_name {cfg.get('_class_name')!r})")
-        self.arch = architecture(cfg)
+        reference = {**official_config(), **UNSUPPORTED_FEATURES,
+                     "decoder_spatio_temporal_scaling": [True], "decoder_is_dw_conv": [False]}
+        check_config(cfg, reference, str(component.path),
+                     required=("decoder_block_out_channels", "decoder_layers_per_block"))
+        try:
+            self.arch = architecture(cfg)
+        except FormatError as e:  # name the folder
+            raise FormatError(f"{component.path}: {e}") from None
         found = {k: s for k, s in component.shapes().items() if not k.startswith(DISTILLATION_ONLY)}
         check_tensors(found, param_shapes(cfg), str(component.path))
         self.params, self.config = component, cfg
