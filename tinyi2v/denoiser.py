@@ -288,7 +288,7 @@ def load_denoiser(path, use_mmap: bool | None = None) -> Denoiser:
     comp = Component(component_dir(path, "transformer"), use_mmap=use_mmap)
     if comp.config.get("_class_name") != CLASS_NAME:
         raise FormatError(f"{comp.path}: not a {CLASS_NAME} config "
-                          f"(_class_name {comp.config.get('_class_name')!r})")
+                          f"(_class_name {comp.config.get('_class_name')!r:.80})")
     reference = official_config()
     check_config(comp.config, reference, str(comp.path), required=reference)
     check_tensors(comp.shapes(), param_shapes(comp.config), str(comp.path))

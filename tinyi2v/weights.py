@@ -119,7 +119,7 @@ class Component(Mapping):
         self.config = read_json(self.path / CONFIG_NAME)
         version = self.config.get("_tinyi2v_format_version", FORMAT_VERSION)
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise FormatError(f"{self.path}: format version {version!r} is newer than this "
+            raise FormatError(f"{self.path}: format version {version!r:.40} is newer than this "
                               f"tinyi2v understands ({FORMAT_VERSION}); upgrade tinyi2v")
         files = sorted(self.path.glob("*.safetensors"))
         if len(files) != 1:
@@ -150,7 +150,7 @@ def check_tensors(found: Mapping[str, tuple], expected: Mapping[str, tuple], whe
     missing = [k for k in expected if k not in found]
     wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected
              if k in found and tuple(found[k]) != tuple(expected[k])]
-    extra = [] if allow_extra else [k for k in found if k not in expected]
+    extra = [] if allow_extra else [k[:100] for k in found if k not in expected]  # any length
     problems = []
     for label, names in (("missing", missing), ("wrong shape", wrong), ("unexpected", extra)):
         if names:

@@ -162,14 +162,14 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     def _check_entry(
         self, name: str, entry: Any, buffer_size: int
     ) -> tuple[str, tuple[int, ...], int, int]:
-        where = f"tensor {name!r}"
+        where = f"tensor {name!r:.100}"  # reprs of header values are cut: any length
         if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
             raise self._fail(f"{where}: expected an object with exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise self._fail(f"{where}: unknown or unsupported dtype {dtype!r}")
+            raise self._fail(f"{where}: unknown or unsupported dtype {dtype!r:.40}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise self._fail(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            raise self._fail(f"{where}: shape {shape!r:.100} is not a list of non-negative integers")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -177,7 +177,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             or not 0 <= offsets[0] <= offsets[1]
         ):
             raise self._fail(
-                f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end"
+                f"{where}: data_offsets {offsets!r:.100} is not [begin, end] with 0 <= begin <= end"
             )
         begin, end = offsets
         if end > buffer_size:
@@ -201,12 +201,12 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         for name, (_, _, begin, end) in sorted(self._entries.items(), key=lambda kv: kv[1][2:]):
             if begin < pos:
                 raise self._fail(
-                    f"tensor {name!r} data_offsets [{begin}, {end}] overlap {prev!r}, "
+                    f"tensor {name!r:.100} data_offsets [{begin}, {end}] overlap {prev!r:.100}, "
                     f"which ends at {pos}"
                 )
             if begin > pos:
                 raise self._fail(
-                    f"hole: bytes [{pos}, {begin}) of the data buffer, before tensor {name!r}, "
+                    f"hole: bytes [{pos}, {begin}) of the data buffer, before tensor {name!r:.100}, "
                     "belong to no tensor"
                 )
             pos, prev = end, name
@@ -247,9 +247,9 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                     self._file.seek(offset)
                     got = self._file.readinto(dst)
                 except OSError as e:
-                    raise self._fail(f"cannot read tensor {name!r}: {e.strerror or e}") from None
+                    raise self._fail(f"cannot read tensor {name!r:.100}: {e.strerror or e}") from None
                 if got != end - begin:
-                    raise self._fail(f"tensor {name!r}: file was truncated after it was opened")
+                    raise self._fail(f"tensor {name!r:.100}: file was truncated after it was opened")
         return _bf16_to_f32(arr) if dtype == "BF16" else arr
 
     def __iter__(self) -> Iterator[str]:

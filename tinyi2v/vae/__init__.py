@@ -34,5 +34,5 @@ def load_vae(path: str | os.PathLike, use_mmap: bool | None = None):
         from .turbo_vaed import TurboVAEDDecoder
 
         return TurboVAEDDecoder(Component(folder, use_mmap=use_mmap))
-    raise FormatError(f"{folder}: unsupported VAE class {name!r} "
+    raise FormatError(f"{folder}: unsupported VAE class {name!r:.80} "
                       f"(known: {LTX_CLASS_NAME}, AutoencoderKLTurboVAED)")

@@ -85,7 +85,7 @@ def check_config(cfg: Mapping, where: str) -> dict:
     cfg = {**official_config(), **cfg}
 
     def refuse(field: str, why: str) -> FormatError:
-        return FormatError(f"{where}: {field} = {cfg[field]!r} is not supported ({why})")
+        return FormatError(f"{where}: {field} = {cfg[field]!r:.200} is not supported ({why})")
 
     if cfg["timestep_conditioning"]:
         raise refuse("timestep_conditioning", "timestep-conditioned decoding, LTX 0.9.1+")

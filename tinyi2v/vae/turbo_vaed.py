@@ -99,7 +99,7 @@ def architecture(cfg: Mapping) -> Architecture:
     for key, off in UNSUPPORTED_FEATURES.items():
         value = cfg.get(key, off)
         if (any(v != off[0] for v in value) if isinstance(off, list) else value != off):
-            raise FormatError(f"Turbo-VAED config: {key}={value!r} is not supported "
+            raise FormatError(f"Turbo-VAED config: {key}={value!r:.200} is not supported "
                               f"(only the Turbo-VAED-LTX form, {key}={off!r})")
     channels = list(reversed(cfg["decoder_block_out_channels"]))
     layers = list(reversed(cfg["decoder_layers_per_block"]))
@@ -433,7 +433,7 @@ class TurboVAEDDecoder:
         cfg = component.config
         if cfg.get("_class_name") != CLASS_NAME:
             raise FormatError(f"{component.path}: not a {CLASS_NAME} config "
-                              f"(_class_name {cfg.get('_class_name')!r})")
+                              f"(_class_name {cfg.get('_class_name')!r:.80})")
         reference = {**official_config(), **UNSUPPORTED_FEATURES,
                      "decoder_spatio_temporal_scaling": [True], "decoder_is_dw_conv": [False]}
         check_config(cfg, reference, str(component.path),
