@@ -2,6 +2,9 @@
 
 `auto` uses numba when it can be imported and numpy otherwise. numba is imported only when a
 kernel is first used, so `import tinyi2v` and `tinyi2v --help` never pay for it.
+`TINYI2V_THREADS=n` caps the threads of numba's parallel loops (at most NUMBA_NUM_THREADS, by
+default the number of cores); BLAS reads its own count (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)
+once, when numpy starts, so set those in the environment too. Results do not depend on it.
 Usage: `from tinyi2v import ops; ops.layernorm_modulate(...)`. The signatures and the
 reference maths are documented in `numpy_ops.py`.
 """
@@ -29,6 +32,7 @@ def set_backend(name: str | None = None) -> str:
     if name in ("auto", "numba"):
         try:
             _active = importlib.import_module(f"{__name__}.numba_ops")
+            _set_numba_threads()
             return "numba"
         except ImportError as e:
             if name == "numba":
@@ -36,6 +40,17 @@ def set_backend(name: str | None = None) -> str:
                                    "install it with: pip install 'tinyi2v[fast]'") from None
     _active = importlib.import_module(f"{__name__}.numpy_ops")
     return "numpy"
+
+
+def _set_numba_threads() -> None:
+    value = os.environ.get("TINYI2V_THREADS", "")
+    if not value:
+        return
+    if not (value.isdigit() and int(value) >= 1):
+        raise TinyI2VError(f"TINYI2V_THREADS must be a positive integer, got {value!r}")
+    import numba
+
+    numba.set_num_threads(min(int(value), numba.config.NUMBA_NUM_THREADS))
 
 
 def backend() -> str:
