@@ -155,6 +155,12 @@ def test_config_of_the_wrong_type(model, file, values, match):
     assert str(model) in str(e.value)
 
 
+def test_fractional_fps_default_is_accepted(model):
+    _edit(model / "model_index.json", defaults={"height": 64, "width": 96, "frames": 9,
+                                                "fps": 7.5, "motion": 2.0})
+    assert Pipeline.load(model).defaults["fps"] == 7.5
+
+
 def test_missing_config_key(model):
     config = json.loads((model / "transformer/config.json").read_text())
     del config["freq_dim"]

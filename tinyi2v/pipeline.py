@@ -66,7 +66,8 @@ class Pipeline:
             if name not in index:
                 raise FormatError(f"{path}: model_index.json lists no '{name}' component")
         defaults = index.get("defaults", {})
-        check_config(defaults, DEFAULTS, f"{path / 'model_index.json'} defaults")
+        # fps may be fractional (train.export writes it as a float)
+        check_config(defaults, {**DEFAULTS, "fps": 12.0}, f"{path / 'model_index.json'} defaults")
         scheduler = read_json(path / "scheduler" / "scheduler_config.json")
         check_config(scheduler, SCHEDULER, str(path / "scheduler"))
         vae = load_vae(path / "vae")
