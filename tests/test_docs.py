@@ -19,6 +19,7 @@ from tinyi2v.cli import cli
 from tinyi2v.denoiser import official_config
 from tinyi2v.io.safetensors import load_file
 from tinyi2v.pipeline import Pipeline
+from tinyi2v.weights import Component
 
 from conftest import SHARED, make_tiny_model, need, random_denoiser_params
 
@@ -90,7 +91,7 @@ def test_weights_format_commands(workspace):
     make_tiny_model(workspace / "my-model")
     blocks = run_doc("docs/weights-format.md", workspace)
     assert {lang for lang, _ in blocks} == {"sh", "python"}
-    assert (workspace / "toy" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert Component(workspace / "toy" / "transformer").storage_dtypes() == {"F16"}   # as it says
 
 
 def test_weights_format_json_examples_are_read_as_documented():
