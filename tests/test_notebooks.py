@@ -56,8 +56,8 @@ def test_committed_without_outputs(path):
 
 @pytest.fixture(scope="module")
 def notebook_env(tmp_path_factory):
-    """Environment variables the notebooks read: the model (the bundled one if present), and
-    an official-layout MobileI2V checkpoint + a VAE folder with matching latent channels."""
+    """Environment variables the notebooks read: the model (the bundled one and its teacher if
+    present), and an official-layout MobileI2V checkpoint + a VAE with matching channels."""
     torch = pytest.importorskip("torch")
     tmp = tmp_path_factory.mktemp("notebooks")
     model = DEMO if (DEMO / "model_index.json").is_file() else make_tiny_model(tmp / "model")
@@ -67,8 +67,9 @@ def notebook_env(tmp_path_factory):
     state = random_denoiser_params(cfg) | {"pos_embed": np.zeros((1, 4, 72), np.float32)}
     torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}},
                tmp / "hybrid_371.pth")
-    return {"TINYI2V_MODEL": str(model), "MOBILEI2V_PTH": str(tmp / "hybrid_371.pth"),
-            "LTX_VAE": str(model / "vae")}
+    teacher = ROOT / "weights" / "tinyi2v-teacher" if model == DEMO else tmp / "no-teacher"
+    return {"TINYI2V_MODEL": str(model), "TINYI2V_TEACHER": str(teacher),
+            "MOBILEI2V_PTH": str(tmp / "hybrid_371.pth"), "LTX_VAE": str(model / "vae")}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
