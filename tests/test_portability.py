@@ -118,3 +118,22 @@ def test_numba_without_a_writable_cache_folder(tmp_path):
                          env=child_env(tmp_path, pkg), capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_version_without_an_installed_distribution(monkeypatch):
+    """Run from a checkout or a copied folder (PYTHONPATH, Pyodide's file system), tinyi2v has no
+    package metadata; --version must still answer instead of raising."""
+    import importlib.metadata
+
+    from click.testing import CliRunner
+
+    import tinyi2v
+    from tinyi2v.cli import cli
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"tinyi2v, version {tinyi2v.__version__}"

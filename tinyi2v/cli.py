@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import __version__
 from .errors import TinyI2VError
 
 DEMO_MODEL = "tinyi2v-demo"
@@ -29,7 +30,7 @@ class Commands(click.Group):
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tinyi2v")
+@click.version_option(__version__, prog_name="tinyi2v")  # not from metadata: may run uninstalled
 def cli() -> None:
     """tinyi2v: one photo in, a short video out, with MobileI2V in numpy."""
 
