@@ -58,8 +58,9 @@ def workspace(tmp_path):
                tmp_path / "hybrid_371.pth")
     shutil.copytree(need(SHARED / "fixtures" / "ltx-vae-tiny"), tmp_path / "ltx-video" / "vae",
                     ignore=shutil.ignore_patterns("*.npy", "*.npz", "*.md"))
-    turbo = load_file(need(SHARED / "fixtures" / "turbo-vaed-tiny" / "turbo_vaed_decoder.safetensors"))
-    torch.save({k: torch.from_numpy(v.copy()) for k, v in turbo.items()}, tmp_path / "turbo_vaed_ltx.pth")
+    turbo = need(SHARED / "fixtures" / "turbo-vaed-tiny" / "turbo_vaed_decoder.safetensors")
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in load_file(turbo).items()},
+               tmp_path / "turbo_vaed_ltx.pth")
     shutil.copy(ROOT / "examples" / "cat.jpg", tmp_path / "photo.jpg")
     return tmp_path
 
