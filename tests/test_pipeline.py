@@ -7,7 +7,7 @@ import pytest
 from tinyi2v.errors import FormatError, TinyI2VError
 from tinyi2v.pipeline import Pipeline, to_uint8
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, random_denoiser_params
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,21 @@ def test_motion_changes_the_clip(pipe):
 
 def test_to_uint8_rounds_like_upstream():
     assert to_uint8(np.array([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0])).tolist() == [0, 0, 128, 255, 255, 255]
+
+
+def test_transformer_and_vae_must_agree_on_latent_channels(tmp_path):
+    import shutil
+
+    from tinyi2v.denoiser import official_config
+    from tinyi2v.weights import save_component
+
+    root = make_tiny_model(tmp_path / "m")
+    cfg = official_config(in_channels=4, hidden_size=72, num_blocks=1, softmax_blocks=(),
+                          mlp_hidden_size=24, freq_dim=32)
+    shutil.rmtree(root / "transformer")
+    save_component(root / "transformer", cfg, random_denoiser_params(cfg))
+    with pytest.raises(FormatError, match="takes 4 latent channels but vae/ has 8"):
+        Pipeline.load(root)
 
 
 def test_incomplete_model_folder_names_the_problem(tmp_path):

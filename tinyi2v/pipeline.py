@@ -72,7 +72,12 @@ class Pipeline:
         check_config(scheduler, SCHEDULER, str(path / "scheduler"))
         vae = load_vae(path / "vae")
         decoder = load_vae(path / "decoder") if "decoder" in index else vae
-        return cls(load_denoiser(path / "transformer"), vae, decoder, scheduler,
+        denoiser = load_denoiser(path / "transformer")
+        for name, codec in (("vae", vae), ("decoder", decoder)):
+            if codec.latent_channels != denoiser.config["in_channels"]:
+                raise FormatError(f"{path}: the transformer takes {denoiser.config['in_channels']} "
+                                  f"latent channels but {name}/ has {codec.latent_channels}")
+        return cls(denoiser, vae, decoder, scheduler,
                    {**DEFAULTS, **defaults}, path)
 
     # ------------------------------------------------------------------ step 1: plan
