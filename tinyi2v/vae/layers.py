@@ -8,8 +8,9 @@ conv, temporal padding by replicating the first / last frame (the caller picks h
 causal = (kt-1, 0), non-causal = ((kt-1)/2, (kt-1)/2)). They never build an im2col matrix (a 3x3x3
 conv at 720p would need 13 GB for it): one output frame is computed a band of rows at a time,
 the band's input (all frames and kernel columns side by side) gathered once and multiplied per
-kernel row, so the GEMMs are long (K = kt * kw * Cin) and only kh partial sums are added. `conv_frame` is that per-frame step (a
-frame-streamed decoder calls it with its sliding window of frames).
+kernel row, so the GEMMs are long (K = kt * kw * Cin) and only kh partial sums are added.
+`conv_frame` is that per-frame step. With `pad_rows=False` the convs take rows that carry their
+own neighbours above and below (a slab of rows of a row-streamed decoder, see streaming.py).
 """
 from __future__ import annotations
 
@@ -166,34 +167,37 @@ def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
     return out
 
 
-def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """Per-frame 2D convolution, stride 1, zero padding k//2.   x [F, H, W, Cin] -> [F, H, W, Cout];
-    weight [Cout, Cin, kh, kw]."""
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+           pad_rows: bool = True) -> np.ndarray:
+    """Per-frame 2D convolution, stride 1, zero padding k//2.   x [F, H, W, Cin] -> [F, H', W, Cout];
+    weight [Cout, Cin, kh, kw]; `pad_rows` as in conv3d (H' = H, or H - kh + 1 if False)."""
     taps = conv_taps(weight[:, :, None])                       # a 2D conv is a kt = 1 3D conv
-    return np.stack([conv_frame([f], taps, bias) for f in x])
+    return np.stack([conv_frame([f], taps, bias, pad_rows=pad_rows) for f in x])
 
 
 def depthwise_conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-                     temporal_pad: tuple[int, int]) -> np.ndarray:
+                     temporal_pad: tuple[int, int], pad_rows: bool = True) -> np.ndarray:
     """Depthwise 3D convolution (groups = C), stride 1, same padding rules as `conv3d`.
 
-    x [T, H, W, C], weight [C, 1, kt, kh, kw], bias [C] -> [T', H, W, C].
+    x [T, H, W, C], weight [C, 1, kt, kh, kw], bias [C] -> [T', H', W, C], H' = H (or
+    H - kh + 1 if `pad_rows` is False).
     """
     _, _, kt, kh, kw = weight.shape
     T, H, W, C = x.shape
-    ph, pw = kh // 2, kw // 2
+    ph, pw = (kh // 2 if pad_rows else 0), kw // 2
     padded = np.zeros((T, H + 2 * ph, W + 2 * pw, C), np.float32)
     padded[:, ph:ph + H, pw:pw + W] = x
+    Ho = H + 2 * ph - kh + 1
     src = replicate_pad_index(T, temporal_pad)
     T_out = len(src) - kt + 1
     w = np.ascontiguousarray(weight[:, 0].transpose(1, 2, 3, 0), dtype=np.float32)  # [kt, kh, kw, C]
-    out = np.zeros((T_out, H, W, C), np.float32)
+    out = np.zeros((T_out, Ho, W, C), np.float32)
     for t in range(T_out):
         for i in range(kt):
             frame = padded[src[t + i]]
             for dy in range(kh):
                 for dx in range(kw):
-                    out[t] += frame[dy:dy + H, dx:dx + W] * w[i, dy, dx]
+                    out[t] += frame[dy:dy + Ho, dx:dx + W] * w[i, dy, dx]
     if bias is not None:
         out += bias
     return out

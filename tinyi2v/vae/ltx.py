@@ -20,21 +20,20 @@ MobileI2V's 720p case with the 0.9.0 config (../shared/docs/ltx-vae.md §2.3):
 A resnet is x + conv2(silu(pnorm(conv1(silu(pnorm(x)))))), the skip through LayerNorm + a 1x1 conv
 when the channel count changes. Activations are channel-last [T, H, W, C] (see layers.py).
 
-Decoding streams over rows: the latent enters as slabs of whole rows (all frames), and every
-layer is a lazy iterator that turns row slabs into row slabs, keeping only the two rows its 3x3
-kernel still needs from the previous slab; upsamplers get slabs 8x smaller, so every activation
-slab stays within ~16 MB. At 720p x 17 frames, where one up-3 activation is 490 MB, the decoder
-holds ~0.4 GB in all, yet every output pixel is computed once and exactly as in the
-layer-by-layer decode. Frames are not finished one by one (the non-causal decoder's last layer
-needs every frame of a row), so progress counts output rows.
+Decoding streams over rows (streaming.py): the latent enters as slabs of whole rows (all
+frames), and every layer is a lazy iterator that turns row slabs into row slabs, keeping only the
+two rows its 3x3 kernel still needs from the previous slab; upsamplers get slabs 8x smaller, so
+every activation slab stays within ~16 MB. At 720p x 17 frames, where one up-3 activation is
+490 MB, the decoder holds ~0.4 GB in all, yet every output pixel is computed once and exactly as
+in the layer-by-layer decode. Frames are not finished one by one (the non-causal decoder's last
+layer needs every frame of a row), so progress counts output rows.
 """
 from __future__ import annotations
 
-import collections
 import functools
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +50,18 @@ from .layers import (
     pixel_norm_silu,
     unpatchify,
 )
+from .streaming import (
+    SLAB_BYTES,
+    Slabs,
+    rechunk,
+    stream_residual,
+    stream_rows,
+    write_rows,
+)
 
 CLASS_NAME = "AutoencoderKLLTXVideo"
 Params = Mapping[str, np.ndarray]
-Slabs = Iterator[np.ndarray]          # consecutive row slabs [T, rows, W, C] of one activation
 Progress = Callable[[str, int, int, float], None]
-SLAB_BYTES = 16 * 2**20               # streamed decode: activation rows per slab, in bytes
 
 
 def official_config() -> dict:
@@ -300,77 +305,15 @@ def run_stages(p: Params, stages: Stages, x: np.ndarray, causal: bool, eps: floa
 
 # ----------------------------------------------------------------------------- row streaming
 
-def rechunk(slabs: Slabs, max_bytes: int) -> Slabs:
-    """Split slabs into pieces of at most `max_bytes` (whole rows, at least one)."""
-    for slab in slabs:
-        rows = max(1, max_bytes // max(1, slab[:, :1].nbytes))
-        for r in range(0, slab.shape[1], rows):
-            yield slab[:, r:r + rows]
-
-
-def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
-                activate: bool = False) -> Slabs:
-    """A layer with a 3-row kernel (conv, upsampler) over the row slabs of an activation of
-    `height` rows. Each slab is run together with the two rows before it (at the top: a zero row,
-    the conv's padding; the last slab also gets the bottom zero row), so every output row is
-    computed once, exactly as on the whole tensor. `layer(rows, pad_rows=False)` maps R input
-    rows to R - 2 output rows (x2 for an upsampler). `activate`: pixel norm + SiLU first."""
-    carry, received = None, 0                                   # the two rows still needed
-
-    def next_rows(slab: np.ndarray) -> np.ndarray | None:
-        nonlocal carry, received
-        received += slab.shape[1]
-        if activate:
-            slab = pixel_norm_silu(slab)
-        zero = np.zeros_like(slab[:, :1])
-        rows = np.concatenate([zero if carry is None else carry, slab]
-                              + [zero] * (received == height), axis=1)
-        carry = rows[:, -2:].copy()                             # a view would pin `rows`
-        return layer(rows, pad_rows=False) if rows.shape[1] >= 3 else None
-
-    # map/filter rather than a generator function: a suspended generator would keep its last
-    # slab alive, and a chain of twenty of them would hold twenty slabs for nothing
-    return filter(lambda out: out is not None, map(next_rows, slabs))
-
-
-class RowQueue:
-    """The rows of a stream that were pushed and not yet taken (a resnet's skip path)."""
-
-    def __init__(self):
-        self.slabs: collections.deque[np.ndarray] = collections.deque()
-
-    def push(self, slab: np.ndarray) -> np.ndarray:
-        self.slabs.append(slab)
-        return slab
-
-    def take(self, n: int) -> np.ndarray:
-        parts = []
-        while n > 0:
-            slab = self.slabs[0]
-            if slab.shape[1] <= n:
-                parts.append(self.slabs.popleft())
-            else:
-                parts.append(slab[:, :n])
-                self.slabs[0] = slab[:, n:]
-            n -= parts[-1].shape[1]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-
-
 def stream_resnet(p: Params, step: Resnet, slabs: Slabs, height: int, causal: bool,
                   eps: float) -> Slabs:
-    # the skip path keeps each input slab until the output rows it belongs to come out (not
-    # itertools.tee: it frees its buffer in blocks of 57 items, which here means 57 slabs)
-    skip = RowQueue()
-    main = map(skip.push, slabs)
-    for name in (f"{step.prefix}.conv1.conv", f"{step.prefix}.conv2.conv"):
-        main = stream_rows(functools.partial(conv, p, name, causal=causal), main, height,
-                           activate=True)
+    def branch(x: Slabs) -> Slabs:
+        for name in (f"{step.prefix}.conv1.conv", f"{step.prefix}.conv2.conv"):
+            x = stream_rows(functools.partial(conv, p, name, causal=causal), x, height,
+                            pre=pixel_norm_silu)
+        return x
 
-    def add_skip(out: np.ndarray) -> np.ndarray:
-        out += shortcut(p, step, skip.take(out.shape[1]), eps)
-        return out
-
-    return map(add_skip, main)
+    return stream_residual(slabs, branch, functools.partial(shortcut, p, step, eps=eps))
 
 
 def stream_stages(p: Params, stages: Stages, slabs: Slabs, height: int, causal: bool,
@@ -387,7 +330,8 @@ def stream_stages(p: Params, stages: Stages, slabs: Slabs, height: int, causal: 
                 height *= 2
             else:
                 layer = functools.partial(conv, p, step.name, causal=causal)
-                slabs = stream_rows(layer, slabs, height, activate=step.activate)
+                slabs = stream_rows(layer, slabs, height,
+                                    pre=pixel_norm_silu if step.activate else None)
     return slabs
 
 
@@ -448,7 +392,7 @@ class LTXVideoVAE:
         video = np.empty((B, cfg["out_channels"], (T - 1) * 2 ** doublings + 1, h * up, w * up),
                          np.float32)
         causal, eps = cfg["decoder_causal"], cfg["resnet_norm_eps"]
-        start, done = time.perf_counter(), 0
+        report, H, start = progress or (lambda *a: None), video.shape[3], time.perf_counter()
         for b in range(B):
             x = np.ascontiguousarray(latent[b].transpose(1, 2, 3, 0))   # [T, h, w, C]
             if streaming:
@@ -456,14 +400,10 @@ class LTXVideoVAE:
                                       causal, eps, slab_bytes)
             else:
                 slabs = iter([run_stages(self.params, self.decoder, x, causal, eps)])
-            row = 0
-            for slab in slabs:                                    # [frames, rows, w', 48]
-                slab = unpatchify(slab, cfg["patch_size"])        # [frames, 4 rows, W, 3]
-                video[b, :, :, row:row + slab.shape[1]] = slab.transpose(3, 0, 1, 2)
-                row += slab.shape[1]
-                done += slab.shape[1]
-                if progress:
-                    progress("decode", done, B * video.shape[3], time.perf_counter() - start)
+            # [frames, rows, w', 48] -> [frames, 4 rows, W, 3]
+            slabs = map(functools.partial(unpatchify, p=cfg["patch_size"]), slabs)
+            for rows in write_rows(slabs, video[b]):
+                report("decode", b * H + rows, B * H, time.perf_counter() - start)
         return video
 
 

@@ -24,20 +24,23 @@ pads by repeating the first and last frame (the decoder is not causal), spatial 
 The 3D pixel shuffle splits the 8C conv channels as c*8 + dy*4 + dx*2 + dt (LTX's own decoder uses
 c*8 + dt*4 + dy*2 + dx). Background and sources: ../shared/docs/ltx-vae.md §3.
 
-Memory: the decoder runs frame by frame. Each stage is a stream that computes its output frame t
-on request, pulling the input frames its temporal convs need (t-1..t+1 for a 3x3x3 conv, t-2..t+2
-for a 5x5x5 one) and caching only that window, so no full-resolution activation of the whole clip
-ever exists: only the output video and a few frames per layer. Activations are channel-last
-frames [H, W, C] float32; weights keep their upstream names (`conv_in.conv.weight`, ...) and are
-read from the component (FP16 upcast on access) when a frame needs them.
+Memory: the decoder streams over rows, as the LTX decoder does (streaming.py): the latent enters
+as slabs of whole rows (all frames), and every layer is a lazy iterator that turns row slabs into
+row slabs, keeping only the rows its kernel still needs from the previous slab (2 for a 3x3 conv,
+4 for a 5x5x5 depthwise one). Slabs stay within ~16 MB (upsamplers get 8x smaller ones), so no
+full-resolution activation of the clip ever exists (one is 256 MB at 720p x 17 frames), yet every
+output pixel is computed once, as in a layer-by-layer decode. Activations are channel-last
+[T, H, W, C] float32; weights keep their upstream names (`conv_in.conv.weight`, ...) and are read
+from the component (FP16 upcast on access) when a slab needs them. Frames are not finished one
+by one (the last conv needs every frame of a row), so progress counts output rows.
 """
 from __future__ import annotations
 
+import functools
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -46,14 +49,21 @@ from ..sampler import Progress
 from ..weights import Component, check_config, check_tensors
 from .layers import (
     conv2d,
-    conv_frame,
-    conv_taps,
+    conv3d,
     depthwise_conv3d,
     layer_norm,
     linear,
     pixel_norm,
     pixel_norm_silu,
     relu,
+)
+from .streaming import (
+    SLAB_BYTES,
+    Slabs,
+    rechunk,
+    stream_residual,
+    stream_rows,
+    write_rows,
 )
 
 Params = Mapping[str, np.ndarray]
@@ -241,22 +251,63 @@ def param_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
     return shapes | conv_shapes("conv_out", c, arch.out_channels, 3, False)
 
 
-# ----------------------------------------------------------------------------- per-frame maths
+# ----------------------------------------------------------------------------- layers
+# Each runs on a whole activation [T, H, W, C] or, with pad_rows=False, on a slab of rows that
+# carries its kernel's neighbour rows above and below (see streaming.py); all frames at once.
 
-def pixel_shuffle(x: np.ndarray, r: int) -> np.ndarray:
-    """torch's pixel_shuffle on one channel-last frame, channel = c*r*r + dy*r + dx.
-    [H, W, C*r*r] -> [H*r, W*r, C]"""
-    H, W, C = x.shape
-    x = x.reshape(H, W, C // (r * r), r, r).transpose(0, 3, 1, 4, 2)   # [H, dy, W, dx, c]
-    return x.reshape(H * r, W * r, C // (r * r))
+def conv(p: Params, prefix: str, x: np.ndarray, kernel: int, depthwise: bool = False,
+         pad_rows: bool = True) -> np.ndarray:
+    """The 3D conv `prefix`, kernel k in T, H and W with k//2 replicated frames at each end:
+    dense (`prefix.conv.*`) or depthwise-separable (`prefix.depthwise_conv.*` then
+    `prefix.pointwise_conv.*`).   [T, H, W, Cin] -> [T, H', W, Cout]"""
+    pad = (kernel // 2, kernel // 2)
+    if not depthwise:
+        return conv3d(x, p[f"{prefix}.conv.weight"], p[f"{prefix}.conv.bias"],
+                      temporal_pad=pad, pad_rows=pad_rows)
+    y = depthwise_conv3d(x, p[f"{prefix}.depthwise_conv.weight"],
+                         p[f"{prefix}.depthwise_conv.bias"], pad, pad_rows)
+    return linear(y, p[f"{prefix}.pointwise_conv.weight"], p[f"{prefix}.pointwise_conv.bias"])
+
+
+def shortcut(p: Params, prefix: str, x: np.ndarray, eps: float, depthwise: bool) -> np.ndarray:
+    """The skip of a channel-changing resnet: LayerNorm, then a 1x1x1 conv.
+    [T, H, W, Cin] -> [T, H, W, Cout]"""
+    b = f"{prefix}.conv_shortcut"
+    s = layer_norm(x, p[f"{prefix}.norm3.weight"], p[f"{prefix}.norm3.bias"], eps)
+    if depthwise:                                             # a 1x1x1 depthwise conv: c*w + b
+        s = s * p[f"{b}.depthwise_conv.weight"].reshape(-1) + p[f"{b}.depthwise_conv.bias"]
+        return linear(s, p[f"{b}.pointwise_conv.weight"], p[f"{b}.pointwise_conv.bias"])
+    return linear(s, p[f"{b}.conv.weight"], p[f"{b}.conv.bias"])
 
 
 def turbo_depth_to_space(x: np.ndarray) -> np.ndarray:
-    """Turbo-VAED's decoupled 3D pixel shuffle of one conv output frame: channel
-    c*8 + dy*4 + dx*2 + dt goes to frame dt, pixel (2h+dy, 2w+dx).   [H, W, 8C] -> [2, 2H, 2W, C]"""
-    H, W, C8 = x.shape
-    x = x.reshape(H, W, C8 // 8, 2, 2, 2).transpose(5, 0, 3, 1, 4, 2)   # [dt, H, dy, W, dx, c]
-    return x.reshape(2, 2 * H, 2 * W, C8 // 8)
+    """Turbo-VAED's decoupled 3D pixel shuffle, first frame dropped: channel c*8 + dy*4 + dx*2
+    + dt of frame t goes to frame 2t + dt - 1, pixel (2h + dy, 2w + dx).
+    [T, H, W, 8C] -> [2T - 1, 2H, 2W, C]"""
+    T, H, W, C8 = x.shape
+    x = x.reshape(T, H, W, C8 // 8, 2, 2, 2).transpose(0, 6, 1, 4, 2, 5, 3)   # [T,dt,H,dy,W,dx,c]
+    return x.reshape(2 * T, 2 * H, 2 * W, C8 // 8)[1:]
+
+
+def upsample(p: Params, prefix: str, x: np.ndarray, pad_rows: bool = True) -> np.ndarray:
+    """The 3D upsampler: 3x3x3 conv C -> 8C, Turbo's 3D pixel shuffle.
+    [T, H, W, C] -> [2T - 1, 2H', 2W, C]"""
+    return turbo_depth_to_space(conv(p, f"{prefix}.conv", x, kernel=3, pad_rows=pad_rows))
+
+
+def pixel_shuffle(x: np.ndarray, r: int) -> np.ndarray:
+    """torch's pixel_shuffle per frame, channel = c*r*r + dy*r + dx.
+    [T, H, W, C*r*r] -> [T, H*r, W*r, C]"""
+    T, H, W, C = x.shape
+    x = x.reshape(T, H, W, C // (r * r), r, r).transpose(0, 1, 4, 2, 5, 3)   # [T, H, dy, W, dx, c]
+    return x.reshape(T, H * r, W * r, C // (r * r))
+
+
+def upsample_2d(p: Params, prefix: str, x: np.ndarray, pad_rows: bool = True) -> np.ndarray:
+    """A 2D stage after its pixel norm + SiLU: per-frame 3x3 conv C -> C, pixel shuffle x2.
+    [T, H, W, C] -> [T, 2H', 2W, C/4]"""
+    y = conv2d(x, p[f"{prefix}.conv.weight"], p[f"{prefix}.conv.bias"], pad_rows)
+    return pixel_shuffle(y, 2)
 
 
 def pixel_norm_relu(x: np.ndarray) -> np.ndarray:
@@ -264,163 +315,59 @@ def pixel_norm_relu(x: np.ndarray) -> np.ndarray:
     return relu(pixel_norm(x))
 
 
-# ----------------------------------------------------------------------------- frame streams
+# ----------------------------------------------------------------------------- row streams
 
-class FrameStream(Protocol):
-    """A clip produced one frame at a time: `frame(t)` -> [H, W, C], asked for in order
-    t = 0, 1, 2, ... (a consumer that needs frames again keeps them in a FrameCache)."""
-    num_frames: int
+def stream_resnet(p: Params, prefix: str, slabs: Slabs, height: int, arch: Architecture,
+                  depthwise: bool, relu_first: bool = False, project: bool = False) -> Slabs:
+    """x + conv2(SiLU(norm(conv1(act(norm(x)))))) over row slabs; `project`: the skip is
+    LayerNorm + 1x1x1 conv (the channel count changes).   [T, H, W, Cin] -> [T, H, W, Cout]"""
+    kernel = arch.dw_kernel_size if depthwise else 3
 
-    def frame(self, t: int) -> np.ndarray: ...
+    def branch(x: Slabs) -> Slabs:
+        for name, pre in (("conv1", pixel_norm_relu if relu_first else pixel_norm_silu),
+                          ("conv2", pixel_norm_silu)):
+            layer = functools.partial(conv, p, f"{prefix}.{name}", kernel=kernel,
+                                      depthwise=depthwise)
+            x = stream_rows(layer, x, height, pre=pre, halo=kernel // 2)
+        return x
 
-
-class Frames:
-    """An in-memory clip [T, H, W, C] as a stream."""
-
-    def __init__(self, clip: np.ndarray):
-        self.clip, self.num_frames = clip, clip.shape[0]
-
-    def frame(self, t: int) -> np.ndarray:
-        return self.clip[t]
-
-
-class Map:
-    """`fn` applied to every frame of `source` (a per-frame operation)."""
-
-    def __init__(self, source: FrameStream, fn: Callable[[np.ndarray], np.ndarray]):
-        self.source, self.fn, self.num_frames = source, fn, source.num_frames
-
-    def frame(self, t: int) -> np.ndarray:
-        return self.fn(self.source.frame(t))
+    skip = functools.partial(shortcut, p, prefix, eps=arch.norm_eps, depthwise=depthwise)
+    return stream_residual(slabs, branch, skip if project else None)
 
 
-class FrameCache:
-    """Frames of `source` (after `fn`, if given) computed once each, in order, keeping only the
-    `keep` most recent: the sliding window a temporal conv or a lagging reader needs."""
-
-    def __init__(self, source: FrameStream, keep: int,
-                 fn: Callable[[np.ndarray], np.ndarray] | None = None):
-        self.source, self.keep, self.fn = source, keep, fn
-        self.num_frames = source.num_frames
-        self.frames: dict[int, np.ndarray] = {}
-        self.computed = 0                                     # frames 0..computed-1 are done
-
-    def frame(self, t: int) -> np.ndarray:
-        while self.computed <= t:
-            x = self.source.frame(self.computed)
-            self.frames[self.computed] = x if self.fn is None else self.fn(x)
-            self.frames.pop(self.computed - self.keep, None)
-            self.computed += 1
-        if t not in self.frames:                              # a bug in a keep size, not input
-            raise RuntimeError(f"frame {t} was already dropped (keep={self.keep})")
-        return self.frames[t]
-
-    def window(self, t: int, pad: int) -> list[np.ndarray]:
-        """Frames t-pad .. t+pad; beyond either end of the clip the edge frame repeats, which is
-        the decoder's replicate temporal padding."""
-        last = self.num_frames - 1
-        return [self.frame(min(max(s, 0), last)) for s in range(t - pad, t + pad + 1)]
-
-
-class Conv3d:
-    """A 3D conv over time, frame by frame: dense (`prefix.conv.*`) or depthwise-separable
-    (`prefix.depthwise_conv.*` then `prefix.pointwise_conv.*`), kernel k in T, H and W, with
-    k//2 replicated frames at each end. `pre` (e.g. pixel norm + SiLU) is applied once per input
-    frame, before caching.   [T, H, W, Cin] -> [T, H, W, Cout]"""
-
-    def __init__(self, source: FrameStream, p: Params, prefix: str, kernel: int,
-                 depthwise: bool = False, pre: Callable[[np.ndarray], np.ndarray] | None = None):
-        self.p, self.prefix, self.pad, self.depthwise = p, prefix, kernel // 2, depthwise
-        self.inputs = FrameCache(source, keep=2 * self.pad + 1, fn=pre)
-        self.num_frames = source.num_frames
-
-    def frame(self, t: int) -> np.ndarray:
-        p, b = self.p, self.prefix
-        window = self.inputs.window(t, self.pad)             # k x [H, W, Cin]
-        if not self.depthwise:
-            return conv_frame(window, conv_taps(p[f"{b}.conv.weight"]), p[f"{b}.conv.bias"])
-        y = depthwise_conv3d(np.stack(window), p[f"{b}.depthwise_conv.weight"],
-                             p[f"{b}.depthwise_conv.bias"], (0, 0))[0]   # [H, W, Cin]
-        return linear(y, p[f"{b}.pointwise_conv.weight"], p[f"{b}.pointwise_conv.bias"])
-
-
-class Resnet:
-    """x + conv2(SiLU(norm(conv1(act(norm(x)))))); when the channels change, the shortcut is
-    LayerNorm(x) followed by a 1x1x1 conv.   [T, H, W, Cin] -> [T, H, W, Cout]"""
-
-    def __init__(self, source: FrameStream, p: Params, prefix: str, arch: Architecture,
-                 depthwise: bool, relu_first: bool = False, shortcut: bool = False):
-        kernel = arch.dw_kernel_size if depthwise else 3
-        # out[t] reads conv1 up to t + k//2, hence x up to t + 2*(k//2); the shortcut reads x[t]
-        self.inputs = FrameCache(source, keep=2 * (kernel // 2) + 1)
-        self.conv1 = Conv3d(self.inputs, p, f"{prefix}.conv1", kernel, depthwise,
-                            pre=pixel_norm_relu if relu_first else pixel_norm_silu)
-        self.conv2 = Conv3d(self.conv1, p, f"{prefix}.conv2", kernel, depthwise,
-                            pre=pixel_norm_silu)
-        self.p, self.prefix, self.eps, self.depthwise = p, prefix, arch.norm_eps, depthwise
-        self.shortcut, self.num_frames = shortcut, source.num_frames
-
-    def frame(self, t: int) -> np.ndarray:
-        h = self.conv2.frame(t)
-        x = self.inputs.frame(t)
-        if not self.shortcut:
-            return h + x
-        p, b = self.p, f"{self.prefix}.conv_shortcut"
-        s = layer_norm(x, p[f"{self.prefix}.norm3.weight"], p[f"{self.prefix}.norm3.bias"],
-                       self.eps)
-        if self.depthwise:                                    # a 1x1x1 depthwise conv: c*w + b
-            s = s * p[f"{b}.depthwise_conv.weight"].reshape(-1) + p[f"{b}.depthwise_conv.bias"]
-            return h + linear(s, p[f"{b}.pointwise_conv.weight"], p[f"{b}.pointwise_conv.bias"])
-        return h + linear(s, p[f"{b}.conv.weight"], p[f"{b}.conv.bias"])
-
-
-class Upsampler:
-    """3x3x3 conv C -> 8C, Turbo's 3D pixel shuffle, first frame dropped.
-    [T, H, W, C] -> [2T-1, 2H, 2W, C]"""
-
-    def __init__(self, source: FrameStream, p: Params, prefix: str):
-        conv = Conv3d(source, p, f"{prefix}.conv", kernel=3)
-        self.pairs = FrameCache(conv, keep=1, fn=turbo_depth_to_space)   # input t -> [2, ...]
-        self.num_frames = 2 * source.num_frames - 1
-
-    def frame(self, t: int) -> np.ndarray:
-        source_frame, dt = divmod(t + 1, 2)                   # +1: the dropped first frame
-        return self.pairs.frame(source_frame)[dt]
-
-
-def upsample_2d(p: Params, prefix: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Pixel norm, SiLU, 3x3 conv C -> C, pixel shuffle x2, on one frame.  [H,W,C] -> [2H,2W,C/4]"""
-    def stage(x: np.ndarray) -> np.ndarray:
-        y = conv2d(pixel_norm_silu(x)[None], p[f"{prefix}.conv.weight"], p[f"{prefix}.conv.bias"])
-        return pixel_shuffle(y[0], 2)
-    return stage
-
-
-def build_stages(p: Params, arch: Architecture, latent: np.ndarray
-                 ) -> list[tuple[str, FrameStream]]:
-    """The decoder as a chain of named streams over one latent [T, H, W, C]; each stream's
-    frames are that stage's output. Nothing is computed until a frame is asked for; a chain
-    can be read once, so build a new one for every pass."""
+def build_stages(p: Params, arch: Architecture, latent: np.ndarray, slab_bytes: int
+                 ) -> list[tuple[str, Slabs]]:
+    """The decoder as a chain of named lazy row-slab streams over one latent [T, H, W, C]: each
+    stream yields that stage's output, slab by slab. Nothing runs until a slab is read; a chain
+    can be read once (reading a stage consumes the stages before it), so build a new one for
+    every pass. Upsamplers get slabs of slab_bytes / 8, so their outputs stay within slab_bytes."""
     mid, *ups = arch.blocks
-    x: FrameStream = Conv3d(Frames(latent), p, "conv_in", kernel=3)
+    height = latent.shape[1]
+    conv3 = functools.partial(conv, p, kernel=3)
+    x = stream_rows(functools.partial(conv3, "conv_in"), rechunk([latent], slab_bytes), height)
     chain = [("conv_in", x)]
     for j in range(mid.num_layers):
-        x = Resnet(x, p, f"mid_block.resnets.{j}", arch, mid.depthwise)
+        x = stream_resnet(p, f"mid_block.resnets.{j}", x, height, arch, mid.depthwise)
     chain.append(("mid_block", x))
     for i, block in enumerate(ups):
         b = f"up_blocks.{i}"
         if block.in_channels != block.out_channels:
-            x = Resnet(x, p, f"{b}.conv_in", arch, block.depthwise, shortcut=True)
+            x = stream_resnet(p, f"{b}.conv_in", x, height, arch, block.depthwise, project=True)
         if block.upsample:
-            x = Upsampler(x, p, f"{b}.upsamplers.0")
+            x = stream_rows(functools.partial(upsample, p, f"{b}.upsamplers.0"),
+                            rechunk(x, slab_bytes // 8), height)
+            height *= 2
         for j in range(block.num_layers):
-            x = Resnet(x, p, f"{b}.resnets.{j}", arch, block.depthwise,
-                       relu_first=block.upsample)
+            x = stream_resnet(p, f"{b}.resnets.{j}", x, height, arch, block.depthwise,
+                              relu_first=block.upsample)
         chain.append((b, x))
     for stage in range(1, arch.num_2d_stages + 1):
-        x = Map(x, upsample_2d(p, f"upsampler2d_{stage}"))
+        x = stream_rows(functools.partial(upsample_2d, p, f"upsampler2d_{stage}"), x, height,
+                        pre=pixel_norm_silu)
+        height *= 2
         chain.append((f"upsampler2d_{stage}", x))
-    chain.append(("conv_out", Conv3d(x, p, "conv_out", kernel=3, pre=pixel_norm_silu)))
+    chain.append(("conv_out", stream_rows(functools.partial(conv3, "conv_out"), x, height,
+                                          pre=pixel_norm_silu)))
     return chain
 
 
@@ -456,27 +403,31 @@ class TurboVAEDDecoder:
         s = self.spatial_compression
         return B, self.arch.out_channels, (T - 1) * self.temporal_compression + 1, H * s, W * s
 
-    def stages(self, latent: np.ndarray) -> list[tuple[str, FrameStream]]:
-        """Named per-stage streams for one latent [C, T, H, W] (for inspection and tests)."""
+    def stages(self, latent: np.ndarray, slab_bytes: int = SLAB_BYTES
+               ) -> list[tuple[str, Slabs]]:
+        """Named per-stage row-slab streams for one latent [C, T, H, W] (for inspection and
+        tests; see build_stages)."""
         return build_stages(self.params, self.arch,
-                            np.ascontiguousarray(latent.transpose(1, 2, 3, 0)))
+                            np.ascontiguousarray(latent.transpose(1, 2, 3, 0)), slab_bytes)
 
-    def decode(self, latent: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+    def decode(self, latent: np.ndarray, progress: Progress | None = None,
+               slab_bytes: int = SLAB_BYTES) -> np.ndarray:
         """Latent [B, C, T, H, W] -> video [B, 3, (T-1)*8 + 1, 32*H, 32*W], roughly in [-1, 1],
-        computed frame by frame. progress("decode", frames done, frames in all, seconds)."""
+        streamed over row slabs of about `slab_bytes` (see the module docstring; a slab_bytes
+        over 8x the largest activation runs every layer on whole tensors). progress("decode",
+        rows done, rows in all, seconds) after each slab of output rows, counted over the whole
+        batch."""
         latent = np.asarray(latent, dtype=np.float32)
         if latent.ndim != 5 or latent.shape[1] != self.latent_channels or 0 in latent.shape:
             raise TinyI2VError(f"latent must be [B, {self.latent_channels}, T, H, W] with no "
                                f"empty axis, got {list(latent.shape)}")
         video = np.empty(self.output_shape(latent.shape), dtype=np.float32)
-        B, T = video.shape[0], video.shape[2]
-        start = time.perf_counter()
+        B, H = video.shape[0], video.shape[3]
+        report, start = progress or (lambda *a: None), time.perf_counter()
         for b in range(B):
-            _, out = self.stages(latent[b])[-1]
-            for t in range(T):
-                video[b, :, t] = out.frame(t).transpose(2, 0, 1)   # [H, W, 3] -> [3, H, W]
-                if progress:
-                    progress("decode", b * T + t + 1, B * T, time.perf_counter() - start)
+            _, out = self.stages(latent[b], slab_bytes)[-1]
+            for rows in write_rows(out, video[b]):
+                report("decode", b * H + rows, B * H, time.perf_counter() - start)
         return video
 
     def encode(self, *args, **kwargs):
