@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out clips of the runtime's default length (17 frames)")
     parser.add_argument("--scale-clips", type=int, default=8,
                         help="training clips whose latent std sets the latent scale")
+    parser.add_argument("--decoder-from", type=Path,
+                        help="fine-tune only the decoder of this trained VAE folder (RUN/vae): "
+                             "the encoder, and so the latent space a denoiser was trained on, "
+                             "stays as it is; the architecture options are then ignored")
     return parser
 
 
@@ -166,9 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run = Run(args.out, args)
     torch.manual_seed(args.seed)
-    vae = init_for_training_(AutoencoderKLLTXVideo(**vae_config(
-        args.latent_channels, args.encoder_channels, args.decoder_channels, args.layers,
-        args.patch_size)))
+    if args.decoder_from:
+        vae = AutoencoderKLLTXVideo.from_pretrained(args.decoder_from)
+        vae.encoder.requires_grad_(False)
+    else:
+        vae = init_for_training_(AutoencoderKLLTXVideo(**vae_config(
+            args.latent_channels, args.encoder_channels, args.decoder_channels, args.layers,
+            args.patch_size)))
     size, crop = tuple(args.size), tuple(args.crop)
     train_images = photos(args.cache, "train")
     heldout_images = photos(args.cache, "heldout")
@@ -187,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained = train_loop(run, vae, loss_fn, lambda m: reconstruction_metrics(m, eval_videos))
 
     trained.eval()
+    if args.decoder_from:                           # the latent space is already normalised
+        trained.save_pretrained(args.out / "vae")
+        return 0
     with torch.no_grad():
         scale_videos = fixed_clips(train_images, args.scale_clips, DEFAULTS["frames"], size,
                                    seed=args.seed + 1)

@@ -114,6 +114,18 @@ def test_vae_latents_have_unit_scale(runs: Path, cache: Path) -> None:
     assert 0.5 < std < 2.0
 
 
+def test_decoder_fine_tune_keeps_the_encoder(runs: Path, cache: Path, tmp_path: Path) -> None:
+    """--decoder-from: only decoder weights move, so latents (and a denoiser trained on them)
+    stay valid; no second latent rescaling."""
+    assert vae.main(["--cache", str(cache), "--out", str(tmp_path / "dec"), "--steps", "3",
+                     "--batch", "2", "--frames", "5", "--size", *SIZE, "--crop", "32", "32",
+                     "--eval-clips", "1", "--decoder-from", str(runs / "vae" / "vae"),
+                     "--lr", "1e-3", *LOOP]) == 0
+    before, after = Component(runs / "vae" / "vae"), Component(tmp_path / "dec" / "vae")
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved and all(k.startswith("decoder.") for k in moved)
+
+
 def test_normalise_latents_is_exact() -> None:
     torch.manual_seed(0)
     model = diffusers.AutoencoderKLLTXVideo(**vae.vae_config(4, (8, 8), (8, 8), 1, 4)).eval()
