@@ -12,7 +12,7 @@ safetensors file loads with `load_state_dict(..., strict=True)`.
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
     video = model(latent)                            # [B, C, T, H, W] -> [B, 3, T', H', W']
 
-Unlike the numpy port it computes every stage over the whole clip at once (no frame streaming),
+Unlike the numpy port it computes every stage over the whole clip at once (no row streaming),
 so its memory grows with the clip.
 """
 
