@@ -325,18 +325,22 @@ def report(args: argparse.Namespace, names: list[str], size: tuple[int, int], fr
         "",
         f"## Contact sheet\n\n![contact sheet]({args.sheet.name})\n",
         f"Frames {', '.join(map(str, sheet_frames(frames)))} (left to right) of held-out clips, "
-        "half size; each photo by the teacher and the student with the same seed and flow score.",
+        f"half size, at the largest requested flow score ({MOTIONS[-1]:g}); each photo by the "
+        "teacher and the student with the same seed.",
         "",
         "## Reading these numbers",
         "",
-        "- The warp-consistency PSNR of a clip that does not move at all would be the VAE's "
-        "still PSNR, so it must be read together with the measured motion: a model can buy "
-        "consistency by moving less.",
+        "- A clip that does not move at all would score a warp-consistency PSNR without bound "
+        "(every frame equals frame 0), so it must be read together with the measured motion: "
+        "a model can buy consistency by moving less.",
+        "- The measured motion is that of the best-fit similarity transforms, in reference "
+        "pixels per frame (1280x720), directly comparable with the requested flow score: a "
+        "model that obeyed its motion input exactly would show the requested values.",
         "- The similarity fit sees camera motion only; objects moving by themselves (a quarter "
         "of the training clips have one) count against the PSNR and are not in the measured "
         "flow score.",
-        "- Denoising times are single clips of the numpy runtime on this machine, which other "
-        "work shares: the ratio, measured in the same run, is the number to read.",
+        "- Denoising times are single clips of the tinyi2v runtime on this machine, which other "
+        "work may share: the ratio, measured in the same run, is the number to read.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -373,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for i in range(min(args.sheet_photos, len(photos))):
         for name in ("teacher", "student"):
-            motion = MOTIONS[(i + 2) % len(MOTIONS)]
+            motion = MOTIONS[-1]                    # the most motion: what there is to see
             rows.append((f"{chosen[i].name}  {name} ({results[name]['steps']} steps)  motion "
                          f"{motion:g}", results[name]["clips"][i, motion]))
     args.out.mkdir(parents=True, exist_ok=True)
