@@ -13,9 +13,6 @@ SRC=/work/main  # where the snapshot sits inside the chroot
 if mountpoint -q "$ROOT$SRC"; then echo "$ROOT$SRC is a mount point: unmount it first" >&2; exit 1; fi
 rm -rf "$ROOT$SRC" && mkdir -p "$ROOT$SRC"
 git -C "$REPO" archive HEAD | tar -x -C "$ROOT$SRC"
-if [ -d "$REPO/weights/tinyi2v-demo" ]; then  # the bundled model, if trained by now
-    mkdir -p "$ROOT$SRC/weights" && cp -r "$REPO/weights/tinyi2v-demo" "$ROOT$SRC/weights/"
-fi
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 mkdir -p "$ROOT$(dirname $SRC)/shared"
 if [ -d "$SHARED" ] && ! mountpoint -q "$ROOT$(dirname $SRC)/shared"; then
