@@ -245,6 +245,17 @@ def contact_sheet(rows: list[tuple[str, np.ndarray]], path: Path, scale: float =
     os.replace(tmp, path)
 
 
+def per_motion(title: str, key: str, results: dict) -> list[str]:
+    """A markdown table of `key` averaged over the photos, per requested motion and model."""
+    lines = [title, "", "| requested | " + " | ".join(f"{m:g}" for m in MOTIONS) + " |",
+             "|---|" + "---:|" * len(MOTIONS)]
+    for name in ("teacher", "student"):
+        records = results[name]["records"]
+        means = [np.mean([r[key] for r in records if r["motion"] == m]) for m in MOTIONS]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in means) + " |")
+    return lines
+
+
 def report(args: argparse.Namespace, names: list[str], size: tuple[int, int], frames: int,
            vae: dict, results: dict, seconds: float) -> str:
     """docs/quality.md."""
@@ -299,28 +310,12 @@ def report(args: argparse.Namespace, names: list[str], size: tuple[int, int], fr
         f"- denoising time: teacher / student = {ratio:.1f}x "
         f"({'met' if ratio >= 10 else 'NOT met'})",
         "",
-        "Measured motion (mean over the photos, reference pixels per frame) per requested flow "
-        "score:",
+        *per_motion("Measured motion (mean over the photos, reference pixels per frame) per "
+                    "requested flow score:", "measured_motion", results),
         "",
-        "| requested | " + " | ".join(f"{m:g}" for m in MOTIONS) + " |",
-        "|---|" + "---:|" * len(MOTIONS),
+        *per_motion("Warp-consistency PSNR per requested flow score (more motion, more to invent "
+                    "at the borders and more to get wrong):", "warp_psnr", results),
     ]
-    for name, result in (("teacher", teacher), ("student", student)):
-        means = [np.mean([r["measured_motion"] for r in result["records"] if r["motion"] == m])
-                 for m in MOTIONS]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in means) + " |")
-    lines += [
-        "",
-        "Warp-consistency PSNR per requested flow score (more motion, more to invent at the "
-        "borders and more to get wrong):",
-        "",
-        "| requested | " + " | ".join(f"{m:g}" for m in MOTIONS) + " |",
-        "|---|" + "---:|" * len(MOTIONS),
-    ]
-    for name, result in (("teacher", teacher), ("student", student)):
-        means = [np.mean([r["warp_psnr"] for r in result["records"] if r["motion"] == m])
-                 for m in MOTIONS]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in means) + " |")
     lines += [
         "",
         f"## Contact sheet\n\n![contact sheet]({args.sheet.name})\n",
