@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -47,13 +48,30 @@ def default_model() -> Path:
 
 
 class ProgressBar:
-    """One stderr line per stage: 'denoise  3/30  1.21 s/it', rewritten in place on a terminal."""
+    """One stderr line per stage: 'denoise  3/30  1.21 s/it', rewritten in place on a terminal.
+
+    Also makes Ctrl-C stick: numba compiles through llvmlite's ctypes callbacks, which swallow a
+    KeyboardInterrupt raised inside them, so a Ctrl-C during the first run's compilation would
+    be lost (and Python prints it as "Exception ignored ... Traceback"). `interrupt` (the SIGINT
+    handler while it is installed) also sets a flag that the next progress report raises
+    again, and `unraisable` keeps such swallowed interrupts off the screen."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.tty = quiet, sys.stderr.isatty()
         self.stage_times: dict[str, float] = {}
+        self.interrupted = False
+
+    def interrupt(self, signum: int, frame) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def unraisable(self, info) -> None:
+        if not issubclass(info.exc_type, KeyboardInterrupt):
+            sys.__unraisablehook__(info)
 
     def __call__(self, stage: str, step: int, total: int, elapsed: float) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
         self.stage_times[stage] = elapsed
         if self.quiet or (not self.tty and step < total):
             return
@@ -115,7 +133,17 @@ def animate(image, output, model, frames, height, width, size, steps, seed, moti
                            f"{free / 2**30:.1f} GiB is free; choose a smaller size or fewer "
                            "frames, or pass --force")
     bar = ProgressBar(quiet)
-    clip = pipe(photo, seed=seed, fit=fit, progress=bar, plan=plan)
+    try:                             # no signals where there is no main thread (Pyodide, threads)
+        previous = signal.signal(signal.SIGINT, bar.interrupt)
+    except (ValueError, AttributeError, OSError):
+        previous = None
+    hook, sys.unraisablehook = sys.unraisablehook, bar.unraisable
+    try:
+        clip = pipe(photo, seed=seed, fit=fit, progress=bar, plan=plan)
+    finally:
+        sys.unraisablehook = hook
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     write_start = time.perf_counter()
     fps = fps or pipe.defaults["fps"]
     write_video(output, clip, fps, {"model": str(pipe.path), "seed": str(seed),
