@@ -66,6 +66,18 @@ def test_cli_convert_writes_fp16_folder(tiny_state, tmp_path):
     assert comp["blocks.0.attn.qkv.weight"].dtype == np.float32      # upcast on access
 
 
+def test_convert_log_names_dropped_tensors_only_when_there_are_some(tiny_state, tmp_path):
+    _, state = tiny_state
+    live = {k: v for k, v in state.items() if not denoiser.is_dead_key(k)}
+    for name, tensors in (("with", state), ("without", live)):
+        lines = []
+        convert_mobilei2v(save_checkpoint(tmp_path / f"{name}.pth", tensors), tmp_path / name,
+                          log=lines.append)
+        expected = ("read 51 tensors; dropped 2 unused by the forward pass (pos_embed, "
+                    "y_embedder.y_embedding)" if name == "with" else "read 49 tensors")
+        assert lines[0] == expected
+
+
 def test_missing_and_unexpected_tensors_are_named(tiny_state, tmp_path):
     _, state = tiny_state
     del state["blocks.2.attn.proj.bias"]

@@ -62,8 +62,8 @@ def convert_mobilei2v(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     config = mobilei2v_config(shapes)
     check_tensors(shapes, denoiser.param_shapes(config), str(checkpoint))
     n_params = sum(int(np.prod(s)) for s in shapes.values())
-    log(f"read {len(state)} tensors; dropped {len(dead)} unused by the forward pass "
-        f"({', '.join(dead)})")
+    dropped = f"; dropped {len(dead)} unused by the forward pass ({', '.join(dead)})" if dead else ""
+    log(f"read {len(state)} tensors{dropped}")
     log(f"MobileI2V denoiser: hidden {config['hidden_size']}, {config['num_blocks']} blocks "
         f"(softmax at {config['softmax_blocks']}), {n_params:,} parameters")
     return save_converted(out_dir, config, live, checkpoint, dtype, log)
