@@ -77,8 +77,7 @@ class Pipeline:
             if codec.latent_channels != denoiser.config["in_channels"]:
                 raise FormatError(f"{path}: the transformer takes {denoiser.config['in_channels']} "
                                   f"latent channels but {name}/ has {codec.latent_channels}")
-        return cls(denoiser, vae, decoder, scheduler,
-                   {**DEFAULTS, **defaults}, path)
+        return cls(denoiser, vae, decoder, scheduler, {**DEFAULTS, **defaults}, path)
 
     # ------------------------------------------------------------------ step 1: plan
     def plan(self, image_size: tuple[int, int], frames: int | None = None,
@@ -154,8 +153,7 @@ class Pipeline:
         # 2. fit the photo and encode it as a one-frame video in [-1, 1]
         start = time.perf_counter()
         photo = fit_image(image, plan.height, plan.width, fit)
-        video = (photo.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None, :, None]
-        guide, _ = self.vae.encode(video)                     # [1, C, 1, h, w] posterior mean
+        guide, _ = self.vae.encode(photo_video(photo))                     # [1, C, 1, h, w] posterior mean
         report("encode", 1, 1, time.perf_counter() - start)
         # 3. sample the latent clip from seeded noise
         noise = gaussian_noise(seed, plan.latent_shape)
@@ -179,6 +177,11 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def photo_video(photo: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 -> a one-frame video [1, 3, 1, H, W] in [-1, 1] (the VAE's input)."""
+    return (photo.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None, :, None]
 
 
 def to_uint8(video: np.ndarray) -> np.ndarray:

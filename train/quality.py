@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 import tinyi2v
 from tinyi2v.io.image import fit_image
 from tinyi2v.ops import backend
-from tinyi2v.pipeline import to_uint8
+from tinyi2v.pipeline import photo_video, to_uint8
 from train.data import bilinear, load_photo, make_clip, read_manifest, reference_scale
 
 MOTIONS = (0.5, 1.0, 2.0, 4.0, 8.0)   # requested flow scores (training clips: median ~2, 95% < ~10)
@@ -185,8 +185,7 @@ def vae_psnr(pipe: tinyi2v.Pipeline, photos: list[np.ndarray], size: tuple[int, 
             recon = pipe.decoder.decode(mean)[0].transpose(1, 2, 3, 0)     # [T, H, W, 3]
             clip_scores.append(psnr(to_uint8(recon), to_uint8(clip)))
         still = fit_image(photo, H, W)
-        video = (still.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)[None, :, None]
-        mean, _ = pipe.vae.encode(video)
+        mean, _ = pipe.vae.encode(photo_video(still))
         recon = to_uint8(pipe.decoder.decode(mean)[0, :, 0].transpose(1, 2, 0))
         still_scores.append(psnr(recon, still))
     return {"clip_psnr": float(np.mean(clip_scores)), "still_psnr": float(np.mean(still_scores)),
