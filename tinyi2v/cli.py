@@ -2,9 +2,11 @@
 (and never imports numba)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -68,6 +70,22 @@ class ProgressBar:
     def unraisable(self, info) -> None:
         if not issubclass(info.exc_type, KeyboardInterrupt):
             sys.__unraisablehook__(info)
+
+    @contextlib.contextmanager
+    def catching_interrupts(self) -> Iterator[None]:
+        """`interrupt` and `unraisable` installed for the duration (no signal handler where
+        there is no main thread: Pyodide, a thread of an app)."""
+        try:
+            previous = signal.signal(signal.SIGINT, self.interrupt)
+        except (ValueError, AttributeError, OSError):
+            previous = None
+        hook, sys.unraisablehook = sys.unraisablehook, self.unraisable
+        try:
+            yield
+        finally:
+            sys.unraisablehook = hook
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def __call__(self, stage: str, step: int, total: int, elapsed: float) -> None:
         if self.interrupted:
@@ -133,17 +151,8 @@ def animate(image, output, model, frames, height, width, size, steps, seed, moti
                            f"{free / 2**30:.1f} GiB is free; choose a smaller size or fewer "
                            "frames, or pass --force")
     bar = ProgressBar(quiet)
-    try:                             # no signals where there is no main thread (Pyodide, threads)
-        previous = signal.signal(signal.SIGINT, bar.interrupt)
-    except (ValueError, AttributeError, OSError):
-        previous = None
-    hook, sys.unraisablehook = sys.unraisablehook, bar.unraisable
-    try:
+    with bar.catching_interrupts():
         clip = pipe(photo, seed=seed, fit=fit, progress=bar, plan=plan)
-    finally:
-        sys.unraisablehook = hook
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     write_start = time.perf_counter()
     fps = fps or pipe.defaults["fps"]
     write_video(output, clip, fps, {"model": str(pipe.path), "seed": str(seed),
