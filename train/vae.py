@@ -195,16 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained = train_loop(run, vae, loss_fn, lambda m: reconstruction_metrics(m, eval_videos))
 
     trained.eval()
-    if args.decoder_from:                           # the latent space is already normalised
-        trained.save_pretrained(args.out / "vae")
-        return 0
-    with torch.no_grad():
-        scale_videos = fixed_clips(train_images, args.scale_clips, DEFAULTS["frames"], size,
-                                   seed=args.seed + 1)
-        means = torch.cat([trained.encode(v[None]).latent_dist.mean for v in scale_videos])
-        std = float(means.std())
-        normalise_latents_(trained, std)
-    run.log({"latent_std_before": std, "latent_mean_before": float(means.mean())})
+    if not args.decoder_from:                       # a fine-tuned decoder's is normalised already
+        with torch.no_grad():
+            scale_videos = fixed_clips(train_images, args.scale_clips, DEFAULTS["frames"], size,
+                                       seed=args.seed + 1)
+            means = torch.cat([trained.encode(v[None]).latent_dist.mean for v in scale_videos])
+            std = float(means.std())
+            normalise_latents_(trained, std)
+        run.log({"latent_std_before": std, "latent_mean_before": float(means.mean())})
     trained.save_pretrained(args.out / "vae")
     return 0
 
