@@ -111,6 +111,20 @@ def test_any_grid_and_guide_tokens_get_timestep_zero():
                                    atol=1e-6)
 
 
+def test_softmax_attention_chunks_do_not_change_the_result():
+    """Query chunks (here 7 queries, N = 60 not a multiple) give the one-chunk result, batched."""
+    cfg = denoiser.official_config(in_channels=8, hidden_size=144, num_blocks=1,
+                                   softmax_blocks=(0,), mlp_hidden_size=48)
+    p = random_denoiser_params(cfg)
+    a = np.random.default_rng(2).standard_normal((2, 60, 144)).astype(np.float32)
+    rope = denoiser.rope_tables(3, 4, 5, 72, cfg["rope_scales"], cfg["rope_theta"])
+    whole = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=60)
+    chunked = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=7)
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+    one = denoiser.softmax_attention_block(p, "blocks.0.", a[1:], rope, cfg, query_chunk=7)
+    np.testing.assert_allclose(chunked[1:], one, atol=1e-6, rtol=0)
+
+
 def test_bad_inputs_state_the_rule():
     cfg = denoiser.official_config(in_channels=8, hidden_size=144, num_blocks=1,
                                    softmax_blocks=(), mlp_hidden_size=16)

@@ -111,9 +111,11 @@ def test_numba_without_a_writable_cache_folder(tmp_path):
             f"assert tinyi2v.__file__.startswith({str(pkg)!r}), tinyi2v.__file__\n"
             "from tinyi2v import ops\n"
             "assert ops.set_backend('numba') == 'numba'\n"
-            "x = np.linspace(-4, 4, 16, dtype=np.float32).reshape(2, 8)\n"
+            "x = np.linspace(-4, 4, 16, dtype=np.float32).reshape(1, 2, 1, 8)\n"
+            "w, b = np.ones((8, 3, 3), np.float32), np.zeros(8, np.float32)\n"
             "from tinyi2v.ops import numpy_ops\n"
-            "assert np.allclose(ops.silu_gate(x), numpy_ops.silu_gate(x), atol=1e-5)\n")
+            "assert np.allclose(ops.depthwise_silu_gate(x, w, b),\n"
+            "                   numpy_ops.depthwise_silu_gate(x, w, b), atol=1e-5)\n")
     run = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path,
                          env=child_env(tmp_path, pkg), capture_output=True, text=True,
                          timeout=300)

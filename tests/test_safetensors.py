@@ -560,3 +560,20 @@ def test_official_library_reads_our_bf16(tmp_path):
     assert name == "x" and info["dtype"] == "BF16" and info["shape"] == [x.size]
     stored = np.frombuffer(bytes(info["data"]), "<u2")
     assert stored.tolist() == [bf16_reference(float(v)) for v in x]
+
+
+@pytest.mark.skipif(stio._mmap is None or os.environ.get("TINYI2V_NO_MMAP") == "1",
+                    reason="needs mmap")
+@pytest.mark.parametrize("dtype, mapped", [("F32", True), ("F16", False)])
+def test_component_maps_float32_files_only(tmp_path, dtype, mapped):
+    """A half-precision component is read per tensor (its pages are not kept resident), a
+    float32 one is mapped (zero-copy views); both hand out the same float32 values."""
+    from tinyi2v.weights import Component, save_component
+
+    weights = {"w": (np.arange(12, dtype=np.float32).reshape(3, 4) - 5) / 4}   # exact in FP16
+    save_component(tmp_path, {"_class_name": "X"}, weights, dtype=dtype)
+    component = Component(tmp_path)
+    assert (component.file._mm is not None) == mapped
+    assert component["w"].dtype == np.float32
+    np.testing.assert_array_equal(component["w"], weights["w"])
+    assert Component(tmp_path, use_mmap=True).file._mm is not None  # an explicit choice wins

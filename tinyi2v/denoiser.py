@@ -147,23 +147,29 @@ def linear_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping)
 
 
 def softmax_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping,
-                            query_chunk: int = 1024) -> np.ndarray:
-    """Full softmax attention (§4.8) with RoPE, in query chunks so memory stays O(chunk * N)."""
+                            query_chunk: int = 128) -> np.ndarray:
+    """Full softmax attention (§4.8) with RoPE. One head and `query_chunk` queries at a time:
+    the [chunk, N] scores stay in cache through max, exp and sum, memory is O(chunk * N), and
+    the normalisation divides the [chunk, hd] output instead of the scores."""
     B, N, D = a.shape
     nh, hd = D // cfg["head_dim"], cfg["head_dim"]
     qkv = linear(a, p[b + "attn.qkv.weight"], p[b + "attn.qkv.bias"])   # [B, N, 3D]
-    q = ops.rope3d(qkv[..., :D].reshape(B, N, nh, hd), *rope).transpose(0, 2, 1, 3)
-    k = ops.rope3d(qkv[..., D:2 * D].reshape(B, N, nh, hd), *rope).transpose(0, 2, 1, 3)
-    v = qkv[..., 2 * D:].reshape(B, N, nh, hd).transpose(0, 2, 1, 3)     # [B, heads, N, hd]
+    q = ops.rope3d(qkv[..., :D].reshape(B, N, nh, hd), *rope)          # [B, N, heads, hd]
+    k = ops.rope3d(qkv[..., D:2 * D].reshape(B, N, nh, hd), *rope)
+    v = qkv[..., 2 * D:].reshape(B, N, nh, hd)
     q *= np.float32(hd ** -0.5)
-    kt = k.transpose(0, 1, 3, 2)                              # [B, heads, hd, N]
     o = np.empty((B, N, nh, hd), dtype=np.float32)
-    for s in range(0, N, query_chunk):
-        logits = q[:, :, s:s + query_chunk] @ kt              # [B, heads, n, N]
-        logits -= logits.max(axis=-1, keepdims=True)
-        np.exp(logits, out=logits)
-        logits /= logits.sum(axis=-1, keepdims=True)
-        o[:, s:s + query_chunk] = (logits @ v).transpose(0, 2, 1, 3)   # [B, n, heads, hd]
+    scores = np.empty((min(query_chunk, N), N), dtype=np.float32)
+    for i in range(B):
+        for h in range(nh):
+            kt = np.ascontiguousarray(k[i, :, h].T)           # [hd, N]
+            vh = np.ascontiguousarray(v[i, :, h])             # [N, hd]
+            for s in range(0, N, query_chunk):
+                e = scores[:min(query_chunk, N - s)]          # [n, N]
+                np.matmul(q[i, s:s + len(e), h], kt, out=e)   # [n, hd] @ [hd, N]
+                e -= e.max(axis=1, keepdims=True)
+                np.exp(e, out=e)
+                o[i, s:s + len(e), h] = (e @ vh) / e.sum(axis=1, keepdims=True)   # [n, hd]
     return linear(o.reshape(B, N, D), p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])
 
 
@@ -174,10 +180,9 @@ def glumbconv(p: Params, b: str, m: np.ndarray, grid: tuple[int, int, int]) -> n
     T, H, W = grid
     u = linear(m, p[b + "mlp.inverted_conv.conv.weight"])    # [B, N, D] -> [B, N, 2F]
     ops.bias_silu_(u, p[b + "mlp.inverted_conv.conv.bias"])
-    u = ops.depthwise_conv3x3(u.reshape(B * T, H, W, -1),     # frames are independent images
-                              p[b + "mlp.depth_conv.conv.weight"][:, 0],
-                              p[b + "mlp.depth_conv.conv.bias"])
-    g = ops.silu_gate(u)                                      # [B*T, H, W, 2F] -> [.., F]
+    g = ops.depthwise_silu_gate(u.reshape(B * T, H, W, -1),  # frames are independent images
+                                p[b + "mlp.depth_conv.conv.weight"][:, 0],
+                                p[b + "mlp.depth_conv.conv.bias"])   # [B*T, H, W, 2F] -> [.., F]
     return linear(g.reshape(B, N, -1), p[b + "mlp.point_conv.conv.weight"])   # [B, N, D]
 
 

@@ -8,9 +8,10 @@
       scheduler/scheduler_config.json  the sampling schedule
 
 Tensors keep their upstream names. A `Component` hands out float32 arrays: an F32 file gives
-zero-copy views of the memory-mapped file, an F16/BF16 file is upcast one tensor at a time as the
-model reads it, so the process never holds an FP32 copy of the whole model (numpy's own FP16
-matmul is ~300x slower than FP32, so compute always happens in FP32).
+zero-copy views of the memory-mapped file; an F16/BF16 file is read (from the OS's page cache
+after the first time) and upcast one tensor at a time as the model needs it, so the process never
+holds an FP32 copy of the whole model, nor its FP16 pages (numpy's own FP16 matmul is ~300x
+slower than FP32, so compute always happens in FP32).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import ops
 from .errors import FormatError
 from .io.safetensors import SafetensorsFile, save_file
 
@@ -125,11 +127,16 @@ class Component(Mapping):
         if len(files) != 1:
             raise FormatError(f"{self.path}: expected exactly one .safetensors file, "
                               f"found {len(files)}")
-        self.file = SafetensorsFile(files[0], use_mmap=use_mmap)
+        # Half-precision tensors are converted on every read anyway, so mapping them saves no
+        # copy and would leave their pages resident; by default only float32 files are mapped.
+        self.file = SafetensorsFile(files[0], use_mmap=False if use_mmap is None else use_mmap)
+        if use_mmap is None and self.storage_dtypes() <= {"F32"}:
+            self.file.close()
+            self.file = SafetensorsFile(files[0])
 
     def __getitem__(self, name: str) -> np.ndarray:
         a = self.file[name]
-        return a if a.dtype == np.float32 else a.astype(np.float32)
+        return a if a.dtype == np.float32 else ops.to_float32(a)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.file)

@@ -16,8 +16,8 @@ from types import ModuleType
 
 from ..errors import TinyI2VError
 
-KERNELS = ("layernorm_modulate", "gated_add_", "rope3d", "linear_attention",
-           "depthwise_conv3x3", "bias_silu_", "silu_gate", "pixel_norm")
+KERNELS = ("to_float32", "layernorm_modulate", "gated_add_", "rope3d", "linear_attention",
+           "depthwise_silu_gate", "bias_silu_", "pixel_norm")
 BACKENDS = ("auto", "numpy", "numba")
 
 _active: ModuleType | None = None

@@ -35,6 +35,28 @@ def _jit(fn):
 
 
 @_jit
+def _half_to_float(h, out):
+    for i in prange(h.size):
+        x = np.uint32(h[i])
+        em = x & np.uint32(0x7FFF)                            # exponent and mantissa
+        if em >= 0x7C00:                                      # inf, NaN: exponent all ones
+            bits = (em << np.uint32(13)) | np.uint32(0x7F800000)
+        elif em >= 0x0400:                                    # normal: re-bias the exponent
+            bits = (em << np.uint32(13)) + np.uint32(0x38000000)
+        else:                                                 # zero, subnormal: em * 2^-24
+            bits = np.float32(np.float32(em) * np.float32(2.0 ** -24)).view(np.uint32)
+        out[i] = bits | ((x & np.uint32(0x8000)) << np.uint32(16))
+
+
+def to_float32(a):
+    if a.dtype != np.float16:
+        return a.astype(np.float32)
+    out = np.empty(a.shape, dtype=np.float32)
+    _half_to_float(np.ascontiguousarray(a).reshape(-1).view(np.uint16), out.reshape(-1).view(np.uint32))
+    return out
+
+
+@_jit
 def _layernorm_modulate(x, shift, scale, index, eps, out):
     B, N, C = x.shape
     for bn in prange(B * N):
@@ -128,22 +150,29 @@ def linear_attention(q, k, v, eps):
 
 
 @_jit
-def _depthwise_conv3x3(x, weight, bias, out):
+def _depthwise_silu_gate(x, weight, bias, out):
     F, H, W, C = x.shape
+    half = C // 2
     for fh in prange(F * H):
         f, i = fh // H, fh % H
+        acc = np.empty((W, C), dtype=np.float32)              # one output row, kept in cache
         for j in range(W):
             for c in range(C):
-                out[f, i, j, c] = bias[c]
+                acc[j, c] = bias[c]
             for di in range(max(0, 1 - i), min(3, H + 1 - i)):          # taps inside the frame
                 for dj in range(max(0, 1 - j), min(3, W + 1 - j)):
                     for c in range(C):                                # contiguous: vectorises
-                        out[f, i, j, c] += x[f, i + di - 1, j + dj - 1, c] * weight[di, dj, c]
+                        acc[j, c] += x[f, i + di - 1, j + dj - 1, c] * weight[di, dj, c]
+            for c in range(half):
+                g = acc[j, half + c]
+                out[f, i, j, c] = acc[j, c] * g * _sigmoid(g)
 
 
-def depthwise_conv3x3(x, weight, bias):
-    out = np.empty_like(x)
-    _depthwise_conv3x3(x, np.ascontiguousarray(weight.transpose(1, 2, 0)), bias, out)   # [3, 3, C]
+def depthwise_silu_gate(x, weight, bias):
+    # Fused so the [F, H, W, 2C] convolution output never goes to memory: at the official
+    # size it is 64 MB per block, written and read back once each by the unfused pair.
+    out = np.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=np.float32)
+    _depthwise_silu_gate(x, np.ascontiguousarray(weight.transpose(1, 2, 0)), bias, out)   # [3, 3, C]
     return out
 
 
@@ -179,22 +208,6 @@ def _bias_silu(x, bias):
 def bias_silu_(x, bias):
     assert x.flags.c_contiguous, "in-place kernel needs a contiguous array"
     _bias_silu(x.reshape(-1, x.shape[-1]), bias)
-
-
-@_jit
-def _silu_gate(x, out):
-    R, F = out.shape
-    for r in prange(R):
-        for c in range(F):
-            g = x[r, F + c]
-            out[r, c] = x[r, c] * g * _sigmoid(g)
-
-
-def silu_gate(x):
-    F = x.shape[-1] // 2
-    out = np.empty(x.shape[:-1] + (F,), dtype=x.dtype)
-    _silu_gate(x.reshape(-1, 2 * F), out.reshape(-1, F))
-    return out
 
 
 @_jit

@@ -18,6 +18,11 @@ def _per_token(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
     return rows[np.arange(rows.shape[0])[:, None], index]
 
 
+def to_float32(a: np.ndarray) -> np.ndarray:
+    """Any float array (FP16 weights as stored) -> a new float32 array, exact."""
+    return a.astype(np.float32)
+
+
 def layernorm_modulate(x: np.ndarray, shift: np.ndarray, scale: np.ndarray, index: np.ndarray,
                        eps: float = 1e-6) -> np.ndarray:
     """LayerNorm without affine over the last axis, then `* (1 + scale) + shift` per token.
@@ -103,6 +108,12 @@ def bias_silu_(x: np.ndarray, bias: np.ndarray) -> None:
     x += bias
     with np.errstate(over="ignore"):                          # exp(-u) -> inf gives silu -> 0
         x /= 1.0 + np.exp(-x)
+
+
+def depthwise_silu_gate(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """GLUMBConv's middle: depthwise 3x3 convolution, then a GLU with a SiLU gate (first half
+    of the channels times silu(second half)).   x [F, H, W, 2C], weight [2C, 3, 3] -> [F, H, W, C]."""
+    return silu_gate(depthwise_conv3x3(x, weight, bias))
 
 
 def silu_gate(x: np.ndarray) -> np.ndarray:
