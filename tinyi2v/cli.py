@@ -164,6 +164,47 @@ def animate(image, output, model, frames, height, width, size, steps, seed, moti
 
 
 @cli.command()
+@click.argument("image", type=click.Path(dir_okay=False), required=False)
+@click.option("-o", "--output", type=click.Path(), help="Keep the clip here (default: a temp file).")
+@click.option("--model", type=click.Path(file_okay=False), help="Model folder (default: bundled).")
+@click.option("--frames", type=int, help="Number of frames (8k+1; others are rounded).")
+@click.option("--height", type=int, help="Output height in pixels.")
+@click.option("--width", type=int, help="Output width in pixels.")
+@click.option("--steps", type=int, help="Denoising steps (default: the model's own schedule).")
+@click.option("--motion", type=float, help="Amount of motion (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "numpy", "numba"]), default=None,
+              help="Kernel backend (default: $TINYI2V_BACKEND or auto).")
+def bench(image, output, model, frames, height, width, steps, motion, seed, backend) -> None:
+    """Run one animate of IMAGE (default: a generated pattern) and print a table per stage:
+    seconds, GFLOP/s, peak memory."""
+    import platform
+    import time
+
+    from . import bench as measure
+    from . import ops
+    from .io.image import load_image
+    from .io.video import check_output
+    from .pipeline import Pipeline
+
+    if output:
+        check_output(output)
+    start = time.perf_counter()
+    pipe = Pipeline.load(model or default_model())
+    backend = ops.set_backend(backend)
+    load_seconds = time.perf_counter() - start
+    photo = load_image(image) if image else measure.test_photo(
+        height or pipe.defaults["height"], width or pipe.defaults["width"])
+    rows, plan = measure.run(pipe, photo, output, frames, height, width, steps, motion, seed,
+                             load_seconds)
+    click.echo(f"tinyi2v bench: {pipe.path}, {plan.width}x{plan.height}, {plan.frames} frames, "
+               f"{plan.steps} steps, latent {list(plan.latent_shape)}; backend {backend}; "
+               f"{platform.machine()}, {measure.threads()}")
+    for line in measure.table(rows):
+        click.echo(line)
+
+
+@cli.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option("--tensors", is_flag=True, help="List every tensor with its shape and dtype.")
 def info(model: str, tensors: bool) -> None:

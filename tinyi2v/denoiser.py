@@ -84,6 +84,19 @@ def param_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def flops(cfg: Mapping, latent_shape: tuple[int, ...]) -> int:
+    """Useful floating-point operations (2 per multiply-add) of one forward on a latent
+    [B, C, T, H, W]: the matrix products and the depthwise convolution, which are all but ~0.1%
+    of the work (spec §10: 1437.4 GFLOP for the official model at 2760 tokens)."""
+    B, C, T, H, W = latent_shape
+    N, D, F, hd = T * H * W, cfg["hidden_size"], cfg["mlp_hidden_size"], cfg["head_dim"]
+    per_block = 2 * N * D * (3 * D + D + 2 * F) + 2 * N * F * D + 2 * N * 2 * F * 9
+    softmax = len(cfg["softmax_blocks"])
+    attention = softmax * 4 * N * N * D + (cfg["num_blocks"] - softmax) * 4 * N * D * hd
+    ends = 2 * N * C * D + 2 * N * D * cfg["out_channels"]    # patch embedding, final layer
+    return B * (cfg["num_blocks"] * per_block + attention + ends)
+
+
 # ----------------------------------------------------------------------------- small pieces
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:

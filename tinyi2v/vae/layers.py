@@ -42,6 +42,12 @@ __all__ = [
 BAND_BYTES = 16 * 2**20     # conv_frame: input columns gathered per band of output rows
 
 
+class ConvFlops:
+    """Floating-point operations (2 per multiply-add) of the convolutions run so far, read by
+    `tinyi2v bench` to report each VAE stage's GFLOP/s. Counting costs one addition per frame."""
+    total = 0
+
+
 def replicate_pad_index(T: int, temporal_pad: tuple[int, int]) -> list[int]:
     """Source frame of each temporally padded position: first frame repeated pad[0] times, then
     the frames, then the last frame repeated pad[1] times."""
@@ -133,6 +139,7 @@ def _conv_phased(phased: list, taps: np.ndarray, bias: np.ndarray | None,
         out[r0:r1] = acc.reshape(r1 - r0, Wq, cout)[:, :Wo]
     if bias is not None:
         out += bias
+    ConvFlops.total += 2 * Ho * Wo * cout * kt * kh * kw * cin
     return out
 
 
@@ -200,6 +207,7 @@ def depthwise_conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                     out[t] += frame[dy:dy + Ho, dx:dx + W] * w[i, dy, dx]
     if bias is not None:
         out += bias
+    ConvFlops.total += 2 * out.size * kt * kh * kw
     return out
 
 
