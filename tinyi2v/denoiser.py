@@ -112,11 +112,6 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (1.0 + np.exp(-x))
 
 
-def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * gain over the last axis (q/k norm, before the head split)."""
-    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * gain
-
-
 def sinusoidal_features(s: np.ndarray, dim: int) -> np.ndarray:
     """[R] -> [R, dim]: [cos(s*f_j), sin(s*f_j)], f_j = 10000^(-j/(dim/2)); cosines first (§4.3)."""
     half = dim // 2
@@ -149,10 +144,11 @@ def linear_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping)
     B, N, D = a.shape
     nh, hd = D // cfg["head_dim"], cfg["head_dim"]
     qkv = linear(a, p[b + "attn.qkv.weight"])                  # [B, N, D] -> [B, N, 3D]
-    q = rms_norm(qkv[..., :D], p[b + "attn.q_norm.weight"], cfg["qk_norm_eps"])
-    k = rms_norm(qkv[..., D:2 * D], p[b + "attn.k_norm.weight"], cfg["qk_norm_eps"])
-    q = ops.rope3d(q.reshape(B, N, nh, hd), *rope, relu=True)  # [B, N, heads, hd], >= 0
-    k = ops.rope3d(k.reshape(B, N, nh, hd), *rope, relu=True)
+    eps = cfg["qk_norm_eps"]                                  # RMSNorm, RoPE, ReLU: >= 0
+    q = ops.qk_norm_rope(qkv[..., :D].reshape(B, N, nh, hd), p[b + "attn.q_norm.weight"], eps,
+                         *rope)                              # [B, N, heads, hd]
+    k = ops.qk_norm_rope(qkv[..., D:2 * D].reshape(B, N, nh, hd), p[b + "attn.k_norm.weight"],
+                         eps, *rope)
     v = np.ascontiguousarray(qkv[..., 2 * D:]).reshape(B, N, nh, hd)
     o = ops.linear_attention(q, k, v, cfg["linear_attention_eps"])   # [B, N, heads, hd]
     o = linear(o.reshape(B, N, D), p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])

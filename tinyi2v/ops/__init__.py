@@ -16,7 +16,7 @@ from types import ModuleType
 
 from ..errors import TinyI2VError
 
-KERNELS = ("to_float32", "layernorm_modulate", "gated_add_", "rope3d", "linear_attention",
+KERNELS = ("to_float32", "layernorm_modulate", "gated_add_", "rope3d", "qk_norm_rope", "linear_attention",
            "depthwise_silu_gate", "bias_silu_", "pixel_norm")
 BACKENDS = ("auto", "numpy", "numba")
 

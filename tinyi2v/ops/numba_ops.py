@@ -114,6 +114,35 @@ def _rope3d(x, cos, sin, relu, out):
                     out[b, n, hd, base + K + j] = y2
 
 
+@_jit
+def _qk_norm_rope(x, gain, eps, cos, sin, out):
+    B, N, nh, D = x.shape
+    K = cos.shape[2]
+    for bn in prange(B * N):
+        b, n = bn // N, bn % N
+        ms = 0.0
+        for hd in range(nh):
+            for d in range(D):
+                ms += x[b, n, hd, d] * x[b, n, hd, d]
+        inv = 1.0 / math.sqrt(ms / (nh * D) + eps)
+        for hd in range(nh):
+            for a in range(3):
+                base = a * 2 * K
+                for j in range(K):
+                    x1 = x[b, n, hd, base + j] * inv * gain[hd * D + base + j]
+                    x2 = x[b, n, hd, base + K + j] * inv * gain[hd * D + base + K + j]
+                    c = cos[n, a, j]
+                    s = sin[n, a, j]
+                    out[b, n, hd, base + j] = max(x1 * c - x2 * s, 0.0)
+                    out[b, n, hd, base + K + j] = max(x2 * c + x1 * s, 0.0)
+
+
+def qk_norm_rope(x, gain, eps, cos, sin):
+    out = np.empty(x.shape, dtype=np.float32)
+    _qk_norm_rope(x, gain, np.float32(eps), cos, sin, out)
+    return out
+
+
 def rope3d(x, cos, sin, relu=False):
     out = np.empty(x.shape, dtype=x.dtype)
     _rope3d(x, cos, sin, relu, out)
@@ -176,24 +205,30 @@ def depthwise_silu_gate(x, weight, bias):
     return out
 
 
+_TANH_CLAMP = np.float32(7.90531110763549805)
+
+
 @numba.njit(inline="always", fastmath=True)
 def _sigmoid(u):
     """1 / (1 + exp(-u)) as 0.5 + 0.5 tanh(u / 2), with tanh a [13/6] rational approximation
-    (max abs error 3.5e-7): plain arithmetic that vectorises, where numba's exp is a scalar call.
+    (max abs error 3.5e-7): plain float32 arithmetic that vectorises, where numba's exp is a
+    scalar call (and a float64 constant would make the whole polynomial float64, 1.6x slower).
     Beyond |u/2| = 7.9 the sigmoid is within 1.4e-7 of 0 or 1, so silu(u) = u * sigmoid(u) stays
-    within 2.2e-6 of exact everywhere."""
-    t = min(max(0.5 * u, -7.90531110763549805), 7.90531110763549805)
-    if t == -7.90531110763549805:
-        return 0.0
-    if t == 7.90531110763549805:
-        return 1.0
+    within 2.3e-6 of exact everywhere (measured over a dense float32 sweep of [-40, 40])."""
+    t = min(max(np.float32(0.5) * u, -_TANH_CLAMP), _TANH_CLAMP)
     t2 = t * t
-    p = ((((((-2.76076847742355e-16 * t2 + 2.00018790482477e-13) * t2 - 8.60467152213735e-11)
-             * t2 + 5.12229709037114e-08) * t2 + 1.48572235717979e-05) * t2
-          + 6.37261928875436e-04) * t2 + 4.89352455891786e-03) * t
-    q = ((1.19825839466702e-06 * t2 + 1.18534705686654e-04) * t2 + 2.26843463243900e-03) * t2 \
-        + 4.89352518554385e-03
-    return 0.5 + 0.5 * (p / q)
+    p = ((((((np.float32(-2.76076847742355e-16) * t2 + np.float32(2.00018790482477e-13)) * t2
+             - np.float32(8.60467152213735e-11)) * t2 + np.float32(5.12229709037114e-08)) * t2
+           + np.float32(1.48572235717979e-05)) * t2 + np.float32(6.37261928875436e-04)) * t2
+         + np.float32(4.89352455891786e-03)) * t
+    q = ((np.float32(1.19825839466702e-06) * t2 + np.float32(1.18534705686654e-04)) * t2
+         + np.float32(2.26843463243900e-03)) * t2 + np.float32(4.89352518554385e-03)
+    s = np.float32(0.5) + np.float32(0.5) * (p / q)
+    if t == -_TANH_CLAMP:                                     # selects, not branches: still SIMD
+        s = np.float32(0.0)
+    if t == _TANH_CLAMP:
+        s = np.float32(1.0)
+    return s
 
 
 @_jit

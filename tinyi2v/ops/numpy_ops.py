@@ -63,6 +63,20 @@ def rope3d(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, relu: bool = False) 
     return out.reshape(B, N, nh, D)
 
 
+def qk_norm_rope(x: np.ndarray, gain: np.ndarray, eps: float, cos: np.ndarray,
+                 sin: np.ndarray) -> np.ndarray:
+    """The linear-attention query/key path: RMSNorm over all heads of a token (x / sqrt(mean(x^2)
+    + eps) * gain, before the head split upstream), then `rope3d`, then ReLU.
+
+    x [B, N, heads, D]; gain [heads * D]; cos, sin [N, 3, K] -> [B, N, heads, D], >= 0.
+    """
+    B, N, nh, D = x.shape
+    flat = x.reshape(B, N, nh * D)
+    y = flat * (1.0 / np.sqrt(np.mean(flat * flat, axis=-1, keepdims=True) + np.float32(eps)))
+    y *= gain
+    return rope3d(y.reshape(B, N, nh, D), cos, sin, relu=True)
+
+
 def linear_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
     """Linear attention over already feature-mapped q, k (non-negative).
 
