@@ -139,7 +139,10 @@ def main() -> None:
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "NUMBA_NUM_THREADS": str(args.threads)}
+           "NUMBA_NUM_THREADS": str(args.threads),
+           # what `import tinyi2v` sets when it comes before numpy (see tinyi2v/__init__.py);
+           # the workers import numpy first
+           "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if not model:

@@ -143,7 +143,10 @@ def main() -> None:
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "NUMBA_NUM_THREADS": str(args.threads)}
+           "NUMBA_NUM_THREADS": str(args.threads),
+           # what `import tinyi2v` sets when it comes before numpy (see tinyi2v/__init__.py);
+           # the workers import numpy first
+           "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
     rate = json.loads(subprocess.run([sys.executable, __file__, "--worker", "sgemm"], env=env,
                                      capture_output=True, text=True, check=True).stdout)["gflops"]
     print(f"machine: {os.cpu_count()} cores, {args.threads} threads; numpy sgemm "

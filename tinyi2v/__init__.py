@@ -8,6 +8,15 @@
 
 Kernels: `TINYI2V_BACKEND=auto|numpy|numba` (numba optional, imported on first use).
 """
+import os
+
+# OpenBLAS's threads spin for up to ~2^28 cycles (~0.1 s) after each matrix product before they
+# sleep, holding the cores that the next kernel's threads need: on 2 cores that made a numba
+# kernel right after a GEMM 2-3x slower. 4 (the minimum) makes them sleep at once; waking them
+# costs microseconds per GEMM. It takes effect only if numpy is not imported yet (the CLI, a
+# script that imports tinyi2v first); a value set by the user wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from .denoiser import Denoiser, load_denoiser
 from .errors import FormatError, TinyI2VError
 from .pipeline import Pipeline
