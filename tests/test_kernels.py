@@ -75,6 +75,13 @@ def test_qk_norm_rope_normalises_over_all_heads():
     np.testing.assert_allclose(ref.qk_norm_rope(x, gain, 1e-5, cos, sin), expect, rtol=1e-5, atol=1e-6)
 
 
+def direct_depthwise(x, w, b):
+    """Zero-padded depthwise 3x3 convolution as the plain sum: x [F, H, W, C], w [C, 3, 3]."""
+    F, H, W, C = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return b + sum(xp[:, i:i + H, j:j + W] * w[:, i, j] for i in range(3) for j in range(3))
+
+
 @fast
 @given(F=st.integers(1, 3), H=dims, W=dims, C=st.integers(1, 20), seed=st.integers(0, 2**16))
 def test_depthwise_silu_gate(F, H, W, C, seed):
@@ -82,7 +89,7 @@ def test_depthwise_silu_gate(F, H, W, C, seed):
     expect = ref.depthwise_silu_gate(x, w, b)
     # numba's SiLU is a rational approximation within 2.3e-6 of exact (see numba_ops._sigmoid),
     # scaled here by the convolution value it multiplies
-    value = ref.depthwise_conv3x3(x, w, b)[..., :C]
+    value = direct_depthwise(x, w, b)[..., :C]
     err = np.abs(numba_ops.depthwise_silu_gate(x, w, b) - expect)
     assert np.all(err <= 2e-5 + 2e-5 * np.abs(expect) + 2.5e-6 * np.abs(value)), err.max()
 
@@ -97,28 +104,15 @@ def test_bias_silu(R, C, seed):
     np.testing.assert_allclose(x1, x2, **TOL)
 
 
-def test_silu_gate_extremes():
-    """The numpy GLU where exp(-gate) overflows: silu -> 0 for very negative gates, no NaN."""
-    x = np.array([[2.0, -3.0, -1000.0, 1000.0]], np.float32)
-    np.testing.assert_allclose(ref.silu_gate(x), [[0.0, -3000.0]], atol=1e-6)
-
-
-def test_depthwise_conv3x3_matches_direct_definition():
-    """The numpy kernel itself against a direct zero-padded convolution sum."""
-    x, w, b = arrays(1, (2, 4, 5, 3), (3, 3, 3), (3,))
-    expect = np.empty_like(x)
-    for f in range(2):
-        for i in range(4):
-            for j in range(5):
-                for c in range(3):
-                    s = b[c]
-                    for di in range(3):
-                        for dj in range(3):
-                            ii, jj = i + di - 1, j + dj - 1
-                            if 0 <= ii < 4 and 0 <= jj < 5:
-                                s += x[f, ii, jj, c] * w[c, di, dj]
-                    expect[f, i, j, c] = s
-    np.testing.assert_allclose(ref.depthwise_conv3x3(x, w, b), expect, rtol=1e-5, atol=1e-5)
+def test_numpy_depthwise_silu_gate_matches_its_definition():
+    """The numpy kernel itself: the direct convolution sum, then value * silu(gate), in float64;
+    5 rows (an odd last row block), and gates far into both tails (exp overflow: silu -> 0)."""
+    x, w, b = arrays(1, (2, 5, 4, 6), (6, 3, 3), (6,))
+    b[3:] = [-1000.0, 0.0, 1000.0]                    # gate channels: -inf tail, 0, +inf tail
+    conv = direct_depthwise(x, w, b)
+    gate = conv[..., 3:]
+    expect = conv[..., :3] * gate / (1 + np.exp(-np.clip(gate, -700, 700)))
+    np.testing.assert_allclose(ref.depthwise_silu_gate(x, w, b), expect, rtol=1e-5, atol=1e-4)
 
 
 @fast
@@ -164,3 +158,13 @@ def test_numba_silu_error_bound():
     numba_ops.bias_silu_(x, np.zeros(u.shape[1], np.float32))
     exact = u.astype(np.float64) / (1 + np.exp(-u.astype(np.float64).clip(-700, 700)))
     assert np.abs(x - exact).max() <= 2.3e-6
+
+
+def test_numpy_bias_silu_blocks_do_not_change_the_result():
+    x, b = arrays(4, (10, 3, 5), (5,), low=-100, high=100)
+    whole, blocked = x.copy(), x.copy()
+    ref.bias_silu_(whole, b)
+    ref.bias_silu_(blocked, b, chunk=7)                # 1 row of 5 per block, 30 blocks
+    np.testing.assert_array_equal(blocked, whole)
+    u = (x + b).astype(np.float64)
+    np.testing.assert_allclose(whole, u / (1 + np.exp(-u)), rtol=1e-6, atol=1e-6)
