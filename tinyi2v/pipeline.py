@@ -116,9 +116,9 @@ class Pipeline:
         return Plan(H, W, T, sigmas, motion, latent, self.estimate_peak_bytes(H, W, latent), notes)
 
     def estimate_peak_bytes(self, H: int, W: int, latent: tuple[int, ...]) -> int:
-        """A deliberately rough upper estimate of peak RSS: the largest stage (its weights, which
-        are memory-mapped and counted once touched, plus its float32 working set) plus the
-        interpreter. Calibrated against measurements in docs/performance.md."""
+        """A deliberately rough upper estimate of peak RSS: the largest stage (its weights' file
+        size, an upper bound since FP16 weights are read one tensor at a time, plus its float32
+        working set) plus the interpreter. Checked against docs/performance.md's measurements."""
         cfg = self.denoiser.config
         N, D, F = int(np.prod(latent[2:])), cfg["hidden_size"], cfg["mlp_hidden_size"]
         heads = D // cfg["head_dim"]
