@@ -87,15 +87,18 @@ def clip_batch(images: list[np.ndarray], rng: np.random.Generator, clips: int, f
 
 
 def vae_losses(vae: AutoencoderKLLTXVideo, video: torch.Tensor, kl_weight: float,
-               grad_weight: float) -> Losses:
-    """video [B, 3, T, H, W] in [-1, 1] -> {"loss", "l1", "grad", "kl"}."""
+               grad_weight: float, time_weight: float = 0.0) -> Losses:
+    """video [B, 3, T, H, W] in [-1, 1] -> {"loss", "l1", "grad", "time", "kl"}."""
     posterior = vae.encode(video).latent_dist
     recon = vae.decode(posterior.sample()).sample                 # [B, 3, T, H, W]
     l1 = (recon - video).abs().mean()
     grad = sum((torch.diff(recon, dim=d) - torch.diff(video, dim=d)).abs().mean() for d in (3, 4))
+    # frame-to-frame differences: L1 alone lets a frame blend its neighbours, which loses motion
+    time = (torch.diff(recon, dim=2) - torch.diff(video, dim=2)).abs().mean()
     # the log-variance is one channel broadcast to all (LTX); KL per latent element, averaged
     kl = 0.5 * (posterior.mean.square() + posterior.var - 1 - posterior.logvar).mean()
-    return {"loss": l1 + grad_weight * grad + kl_weight * kl, "l1": l1, "grad": grad, "kl": kl}
+    loss = l1 + grad_weight * grad + time_weight * time + kl_weight * kl
+    return {"loss": loss, "l1": l1, "grad": grad, "time": time, "kl": kl}
 
 
 @torch.no_grad()
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on the KL averaged per latent element")
     parser.add_argument("--grad-weight", type=float, default=0.1,
                         help="on the edge term")
+    parser.add_argument("--time-weight", type=float, default=0.0,
+                        help="on the frame-difference (motion) term")
     parser.add_argument("--eval-clips", type=int, default=4,
                         help="held-out clips of the runtime's default length (17 frames)")
     parser.add_argument("--scale-clips", type=int, default=8,
@@ -190,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           args.frames, size, crop, args.crops_per_clip))
 
     def loss_fn(step: int) -> Losses:
-        return vae_losses(vae, next(batches), args.kl_weight, args.grad_weight)
+        return vae_losses(vae, next(batches), args.kl_weight, args.grad_weight,
+                          args.time_weight)
 
     trained = train_loop(run, vae, loss_fn, lambda m: reconstruction_metrics(m, eval_videos))
 
