@@ -77,7 +77,7 @@ def test_qk_norm_rope_normalises_over_all_heads():
 
 def direct_depthwise(x, w, b):
     """Zero-padded depthwise 3x3 convolution as the plain sum: x [F, H, W, C], w [C, 3, 3]."""
-    F, H, W, C = x.shape
+    _, H, W, _ = x.shape
     xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
     return b + sum(xp[:, i:i + H, j:j + W] * w[:, i, j] for i in range(3) for j in range(3))
 

@@ -98,23 +98,37 @@ class ProgressBar:
         click.echo(f"{back}{stage:<8} {step:>3}/{total:<3} {rate}", err=True, nl=step >= total)
 
 
+def run_options(command):
+    """The options `animate` and `bench` share: which model, what to make, which kernels."""
+    options = [
+        click.option("--model", type=click.Path(file_okay=False),
+                     help="Model folder (default: bundled)."),
+        click.option("--frames", type=int, help="Number of frames (8k+1; others are rounded)."),
+        click.option("--height", type=int,
+                     help="Output height in pixels (rounded to the VAE's factor)."),
+        click.option("--width", type=int, help="Output width in pixels."),
+        click.option("--steps", type=int,
+                     help="Denoising steps (default: the model's own schedule)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--motion", type=float,
+                     help="Amount of motion (flow score; default: the model's)."),
+        click.option("--backend", type=click.Choice(["auto", "numpy", "numba"]), default=None,
+                     help="Kernel backend (default: $TINYI2V_BACKEND or auto)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Output: .mp4, .webp, .gif, or a folder name for PNG frames.")
-@click.option("--model", type=click.Path(file_okay=False), help="Model folder (default: bundled).")
-@click.option("--frames", type=int, help="Number of frames (8k+1; others are rounded).")
-@click.option("--height", type=int, help="Output height in pixels (rounded to the VAE's factor).")
-@click.option("--width", type=int, help="Output width in pixels.")
+@run_options
 @click.option("--size", type=int, help="Short side in pixels, aspect ratio kept.")
-@click.option("--steps", type=int, help="Denoising steps (default: the model's own schedule).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--motion", type=float, help="Amount of motion (flow score; default: the model's).")
 @click.option("--fps", type=float, help="Frames per second of the output.")
 @click.option("--fit", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
               help="Keep the photo's aspect ratio by centre-cropping or by padding.")
-@click.option("--backend", type=click.Choice(["auto", "numpy", "numba"]), default=None,
-              help="Kernel backend (default: $TINYI2V_BACKEND or auto).")
 @click.option("--force", is_flag=True, help="Run even if the memory estimate exceeds free RAM.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def animate(image, output, model, frames, height, width, size, steps, seed, motion, fps, fit,
@@ -166,15 +180,7 @@ def animate(image, output, model, frames, height, width, size, steps, seed, moti
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False), required=False)
 @click.option("-o", "--output", type=click.Path(), help="Keep the clip here (default: a temp file).")
-@click.option("--model", type=click.Path(file_okay=False), help="Model folder (default: bundled).")
-@click.option("--frames", type=int, help="Number of frames (8k+1; others are rounded).")
-@click.option("--height", type=int, help="Output height in pixels.")
-@click.option("--width", type=int, help="Output width in pixels.")
-@click.option("--steps", type=int, help="Denoising steps (default: the model's own schedule).")
-@click.option("--motion", type=float, help="Amount of motion (default: the model's).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "numpy", "numba"]), default=None,
-              help="Kernel backend (default: $TINYI2V_BACKEND or auto).")
+@run_options
 def bench(image, output, model, frames, height, width, steps, motion, seed, backend) -> None:
     """Run one animate of IMAGE (default: a generated pattern) and print a table per stage:
     seconds, GFLOP/s, peak memory."""

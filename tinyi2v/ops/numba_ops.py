@@ -93,7 +93,7 @@ def gated_add_(h, y, gate, index):
 
 @_jit
 def _rope3d(x, cos, sin, relu, out):
-    B, N, nh, D = x.shape
+    B, N, nh, _ = x.shape
     K = cos.shape[2]
     for bn in prange(B * N):
         b, n = bn // N, bn % N
