@@ -20,6 +20,7 @@ teacher ships beside the student for 4.5 MB instead of 24 MB (the two share the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -53,6 +54,10 @@ def export(vae: Path | None, denoiser: Path, out: Path, defaults: dict, max_mb: 
     try:
         if link_vae is None:
             convert_folder(vae, tmp / "vae", "float16")
+            # diffusers records the folder a fine-tuned VAE was loaded from: a local path
+            config = json.loads((tmp / "vae" / "config.json").read_text())
+            if config.pop("_name_or_path", None) is not None:
+                (tmp / "vae" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         else:               # relative to out's folder, which tmp shares: valid after the rename
             Pipeline.load(link_vae)
             (tmp / "vae").symlink_to(os.path.relpath(link_vae / "vae", out), True)
