@@ -133,4 +133,6 @@ def test_backends_agree(model, photo, which):
     diff = np.abs(clips["numpy"] - clips["numba"])
     assert diff.max() <= BACKEND_MAX_LEVELS
     assert np.mean(diff > 0) <= BACKEND_MAX_FRACTION
-    assert clips["numpy"].std() > 10                    # a real clip, not a constant
+    # a real clip, not a constant (std 0): the photo is uniform noise, which the demo's VAE
+    # renders as soft blobs (std ~9 with its current decoder; ~66 for the tiny random model)
+    assert clips["numpy"].std() > 3
