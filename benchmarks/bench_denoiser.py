@@ -27,12 +27,13 @@ GRID = (3, 23, 40)                 # 1280x720x17 -> 2760 tokens
 USEFUL_GFLOP = 1437.4              # per forward at 2760 tokens, t/flow rows deduplicated (§10)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries the
-    parent's peak into a forked and exec'd child, so every worker would report at least the
-    memory of the process that started it."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of every worker process: `threads` for each thread pool, and what
+    `import tinyi2v` sets when it comes before numpy (see tinyi2v/__init__.py; workers import
+    numpy first)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads),
+            "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
 
 
 def inputs():
@@ -98,6 +99,11 @@ def time_calls(call, repeat: int, out: str) -> None:
     process reads (shared by the benchmark scripts)."""
     import numpy as np
 
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak into a forked and
+    # exec'd child, so every worker would report at least the memory of the process that
+    # started it
+    from tinyi2v.bench import peak_rss_mb
+
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -137,12 +143,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.model, args.repeat, args.out)
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "NUMBA_NUM_THREADS": str(args.threads),
-           # what `import tinyi2v` sets when it comes before numpy (see tinyi2v/__init__.py);
-           # the workers import numpy first
-           "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
+    env = worker_env(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if not model:

@@ -10,6 +10,9 @@ prints one table: seconds per stage, peak RSS per stage, and the denoiser's toke
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import re
 import subprocess
 import sys
 
@@ -18,8 +21,9 @@ SIZES = [("360p", 17, 352, 640), ("480p", 17, 480, 864), ("720p", 17, 736, 1280)
 STAGES = ("encode", "denoise step 2/2", "decode", "write")
 
 
-def bench(model: str, frames: int, height: int, width: int, backend: str) -> dict[str, list[str]]:
-    """One `tinyi2v bench` run -> {stage: [s, GFLOP, GFLOP/s, peak MB]} and its header line."""
+def bench(model: str, frames: int, height: int, width: int,
+          backend: str) -> tuple[int, dict[str, list[str]]]:
+    """One `tinyi2v bench` run -> (denoiser tokens, {stage: [s, GFLOP, GFLOP/s, peak MB]})."""
     run = subprocess.run([sys.executable, "-m", "tinyi2v", "bench", "--model", model,
                           "--frames", str(frames), "--height", str(height), "--width", str(width),
                           "--steps", "2", "--backend", backend],
@@ -27,8 +31,8 @@ def bench(model: str, frames: int, height: int, width: int, backend: str) -> dic
     lines = run.stdout.splitlines()
     rows = {cells[1].strip(): [c.strip() for c in cells[2:-1]]
             for cells in (line.split("|") for line in lines if line.startswith("| "))}
-    rows["header"] = [lines[0]]
-    return rows
+    latent = json.loads(re.search(r"latent (\[[\d, ]+\])", lines[0]).group(1))   # [B, C, T, h, w]
+    return math.prod(latent[2:]), rows
 
 
 def main() -> None:
@@ -40,8 +44,7 @@ def main() -> None:
           "peak MB: encode / denoise / decode / write |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for label, frames, height, width in SIZES:
-        rows = bench(args.model, frames, height, width, args.backend)
-        tokens = ((frames - 1) // 8 + 1) * (height // 32) * (width // 32)
+        tokens, rows = bench(args.model, frames, height, width, args.backend)
         seconds = " | ".join(rows[s][0] for s in STAGES)
         peaks = " / ".join(rows[s][3] for s in STAGES)
         print(f"| {label} {width}x{height} | {frames} | {tokens} | {seconds} | {peaks} |",

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_denoiser import sgemm_gflops, time_calls  # noqa: E402
+from bench_denoiser import sgemm_gflops, time_calls, worker_env  # noqa: E402
 
 FRAME = (1, 3, 1, 720, 1280)       # the guide image as a one-frame video
 LATENT = (1, 128, 3, 23, 40)       # 17 frames of 1280x736 (cropped to 720 by the pipeline)
@@ -141,12 +141,7 @@ def main() -> None:
 
     import numpy as np
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "NUMBA_NUM_THREADS": str(args.threads),
-           # what `import tinyi2v` sets when it comes before numpy (see tinyi2v/__init__.py);
-           # the workers import numpy first
-           "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
+    env = worker_env(args.threads)
     rate = json.loads(subprocess.run([sys.executable, __file__, "--worker", "sgemm"], env=env,
                                      capture_output=True, text=True, check=True).stdout)["gflops"]
     print(f"machine: {os.cpu_count()} cores, {args.threads} threads; numpy sgemm "

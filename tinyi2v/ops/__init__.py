@@ -16,8 +16,8 @@ from types import ModuleType
 
 from ..errors import TinyI2VError
 
-KERNELS = ("to_float32", "layernorm_modulate", "gated_add_", "rope3d", "qk_norm_rope", "linear_attention",
-           "depthwise_silu_gate", "bias_silu_", "pixel_norm")
+KERNELS = ("to_float32", "layernorm_modulate", "gated_add_", "rope3d", "qk_norm_rope",
+           "linear_attention", "depthwise_silu_gate", "bias_silu_", "pixel_norm")
 BACKENDS = ("auto", "numpy", "numba")
 
 _active: ModuleType | None = None
