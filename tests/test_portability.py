@@ -122,6 +122,33 @@ def test_numba_without_a_writable_cache_folder(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_numba_cache_lives_in_the_user_cache_folder(tmp_path):
+    """numba's cache goes to $XDG_CACHE_HOME/tinyi2v/numba, never into the package: a
+    tinyi2v/ops/__pycache__ left in site-packages by pip uninstall shadowed a later editable
+    install as a namespace package ("module 'tinyi2v.ops' has no attribute ...")."""
+    pytest.importorskip("numba")
+    pkg = ROOT / "tinyi2v"
+
+    def package_cache():
+        return {p for ext in ("*.nbi", "*.nbc") for p in pkg.rglob(ext)}
+
+    before = package_cache()
+    code = ("import numpy as np, tinyi2v\n"
+            f"assert tinyi2v.__file__.startswith({str(pkg)!r}), tinyi2v.__file__\n"
+            "from tinyi2v import ops\n"
+            "assert ops.set_backend('numba') == 'numba'\n"
+            "h = np.array([0.5, -2.0, 65504.0], np.float16)\n"
+            "assert np.array_equal(ops.to_float32(h), h.astype(np.float32))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
+    env.update(XDG_CACHE_HOME=str(tmp_path), PYTHONPATH=str(ROOT), NUMBA_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cached = {p.suffix for p in (tmp_path / "tinyi2v" / "numba").rglob("*.nb?")}
+    assert cached == {".nbi", ".nbc"}, cached
+    assert package_cache() == before, sorted(map(str, package_cache() - before))
+
+
 def test_version_without_an_installed_distribution(monkeypatch):
     """Run from a checkout or a copied folder (PYTHONPATH, Pyodide's file system), tinyi2v has no
     package metadata; --version must still answer instead of raising."""

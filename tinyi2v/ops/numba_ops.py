@@ -5,11 +5,14 @@ The loops fuse what numpy does in several passes (normalise + modulate, rotate +
 bias + SiLU) so each activation is read and written once, and run in parallel over rows.
 Matrix products stay in numpy, where BLAS already runs them near peak (linear attention too:
 its kernel only fuses the elementwise work around two GEMMs).
+The compiled kernels are cached in $XDG_CACHE_HOME/tinyi2v/numba (default ~/.cache/tinyi2v/numba;
+NUMBA_CACHE_DIR overrides it), never beside this file.
 """
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import numba
 import numpy as np
@@ -20,16 +23,30 @@ from numba import prange
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
+# Not numba's default __pycache__ beside this file: pip uninstall leaves it, and the leftover
+# tinyi2v/ops/ then shadows an editable install as a namespace package. No writable folder: no cache.
+_CACHE = bool(numba.config.CACHE_DIR)                        # NUMBA_CACHE_DIR: the user's choice
+if not _CACHE:
+    _home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    _dir = os.path.join(_home, "tinyi2v", "numba")
+    try:
+        if os.path.isabs(_dir):                              # not "~" left unexpanded
+            os.makedirs(_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=_dir).close()
+            numba.config.CACHE_DIR, _CACHE = _dir, True
+    except OSError:
+        pass
+
 # Allow reassociation so reductions vectorise; keep NaN/inf semantics (no nnan/ninf).
 _FLAGS = {"parallel": True, "fastmath": {"contract", "reassoc", "nsz", "arcp"}}
 
 
 def _jit(fn):
-    """Compile once and keep the machine code on disk where numba finds a writable folder
-    (beside this file, or the user's cache folder). A read-only install with no writable home
-    has none, and numba's cache=True then raises: compile on each run there instead."""
+    """Compile once and keep the machine code in the cache folder chosen above. Without one (no
+    writable home, or NUMBA_CACHE_DIR unwritable and no other folder numba can use, where
+    cache=True raises), compile on each run instead."""
     try:
-        return numba.njit(cache=True, **_FLAGS)(fn)
+        return numba.njit(cache=_CACHE, **_FLAGS)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
         return numba.njit(**_FLAGS)(fn)
 
