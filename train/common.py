@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import TypeVar
 
@@ -51,11 +54,20 @@ def add_loop_arguments(parser: argparse.ArgumentParser, steps: int, batch: int, 
     parser.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
     parser.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_device_arguments(parser)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=eval_every, help="0: only at the end")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a stage computes: torch's CPU threads, the torch device, the clip-rendering workers."""
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes rendering training clips (0: one background thread; a "
+                             "GPU consumes clips faster than one core renders them)")
 
 
 def lr_factor(step: int, steps: int, warmup: int, time_fraction: float | None) -> float:
@@ -94,10 +106,15 @@ class Run:
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(self.args.threads)
+        self.device = torch.device(getattr(self.args, "device", "cpu"))
+        if self.device.type == "cuda":        # TF32 matmuls and autotuned convolutions
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=1, default=str))
         self.checkpoint = self.out / "checkpoint.pt"
         resume = getattr(self.args, "resume", False) and self.checkpoint.exists()
-        self.resume_state = torch.load(self.checkpoint, weights_only=True) if resume else None
+        self.resume_state = (torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+                             if resume else None)
         if resume:
             self.earlier = self.resume_state["elapsed"]
         else:
@@ -249,21 +266,51 @@ def photos(cache: Path, split: str) -> list[np.ndarray]:
     return [load_photo(cache, p) for p in chosen]
 
 
-def prefetch(make: Callable[[], T]) -> Iterator[T]:
-    """Endless `make()` results, the next one computed in a background thread while the caller
-    uses the current one (make_clip spends its time in numpy and PIL, which release the GIL).
-    `make` only ever runs in that one thread, so it may own a numpy Generator."""
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(make)
+_make: Callable | None = None     # a rendering worker process's `make` (see `rendered`)
+
+
+def _install(make: Callable) -> None:
+    global _make
+    _make = make
+
+
+def _render(key: list[int]):
+    return _make(np.random.default_rng(key))
+
+
+def rendered(make: Callable[[np.random.Generator], T], seed: Sequence[int], workers: int = 0,
+             ahead: int = 1) -> Iterator[T]:
+    """Endless `make(rng)` results, the i-th drawn with its own generator seeded [*seed, i], so
+    the stream is the same whatever computes it. workers = 0: a background thread computes
+    `ahead` results while the caller uses the current one (make_clip spends its time in numpy,
+    which releases the GIL); workers > 0: forked processes (fork passes `make` without pickling
+    it) keep 2 x workers results in flight."""
+    if workers:
+        pool, task = multiprocessing.get_context("fork").Pool(workers, _install, (make,)), _render
+    else:
+        pool, task = ThreadPool(1), lambda key: make(np.random.default_rng(key))
+    keys = ([*seed, i] for i in itertools.count())
+    with pool:
+        pending = deque(pool.apply_async(task, (next(keys),))
+                        for _ in range(max(2 * workers, ahead)))
         while True:
-            result = future.result()
-            future = pool.submit(make)
-            yield result
+            pending.append(pool.apply_async(task, (next(keys),)))
+            yield pending.popleft().get()
 
 
-def to_video(clip: np.ndarray) -> torch.Tensor:
-    """make_clip's clip [T, H, W, 3] -> the VAE's video layout [3, T, H, W]."""
-    return torch.from_numpy(np.ascontiguousarray(clip.transpose(3, 0, 1, 2)))
+def quantise(clip: np.ndarray) -> np.ndarray:
+    """make_clip's float clip in [-1, 1] -> uint8, as a video file stores it (4x fewer bytes to
+    pass from a rendering process)."""
+    return np.round((clip + 1) * 127.5).astype(np.uint8)
+
+
+def to_video(clips: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Clips [..., T, H, W, 3] (float in [-1, 1], or uint8 from `quantise`) -> the VAE's video
+    layout [..., 3, T, H, W], float32 in [-1, 1], on `device`."""
+    video = torch.from_numpy(np.ascontiguousarray(clips)).to(device)
+    if video.dtype == torch.uint8:
+        video = video.float() / 127.5 - 1
+    return video.movedim(-1, -4).contiguous()
 
 
 def save_torch_component(path: Path, model: nn.Module, config: Mapping, dtype: str = "F32") -> Path:

@@ -77,10 +77,10 @@ def trajectories(teacher: nn.Module, guide: torch.Tensor, flow: torch.Tensor, fr
     """Teacher runs of `frames` latent frames from seeded noise for every guide [N, C, 1, h, w]
     with its flow [N], in batches -> {"noise" (guide in frame 0), "mid", "end", "guide", "flow"}."""
     N, C, _, h, w = guide.shape
-    noise = torch.randn((N, C, frames, h, w), generator=generator)
+    noise = torch.randn((N, C, frames, h, w), generator=generator).to(guide.device)
     noise[:, :, :1] = guide
     mids, ends = [], []
-    for part in torch.arange(len(flow)).split(batch):
+    for part in torch.arange(len(flow), device=guide.device).split(batch):
         state_at_mid, end = euler(teacher, noise[part], guide[part], flow[part], sigmas, mid)
         mids.append(state_at_mid)
         ends.append(end)
@@ -121,20 +121,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run = Run(args.out, args)
     teacher, config = load_denoiser(args.teacher / "transformer")
-    teacher.eval().requires_grad_(False)
+    teacher.eval().requires_grad_(False).to(run.device)
     schedule = json.loads((args.teacher / "scheduler" / "scheduler_config.json").read_text())
     teacher_sigmas = shifted_sigmas(schedule["num_inference_steps"], schedule["shift"]).tolist()
     mid = args.mid_sigma
-    train = load_latents(args.latents / "train.npz")
-    heldout = load_latents(args.latents / "heldout.npz")
+    train = load_latents(args.latents / "train.npz", run.device)
+    heldout = load_latents(args.latents / "heldout.npz", run.device)
     frames = train["mean"].shape[2]                              # latent frames of a clip
 
     path, start, start_cpu = args.out / "trajectories.pt", run.elapsed, run.cpu_seconds
     if args.resume and path.exists():
-        data = torch.load(path, weights_only=True)
+        data = torch.load(path, map_location=run.device, weights_only=True)
     else:
         generator = torch.Generator().manual_seed(args.seed)
-        index = torch.randint(len(train["flow"]), (args.trajectories,), generator=generator)
+        index = torch.randint(len(train["flow"]), (args.trajectories,),
+                              generator=generator).to(run.device)
         data = trajectories(teacher, train["guide"][index], train["flow"][index], frames,
                             teacher_sigmas, mid, args.batch, generator)
         torch.save(data, path)
@@ -155,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def loss_fn(step: int) -> Losses:
         index = torch.from_numpy(rng.integers(len(data["flow"]), size=args.batch))
-        return distill_losses(student, data, index, mid)
+        return distill_losses(student, data, index.to(run.device), mid)
 
     trained = train_loop(run, student, loss_fn, evaluate)
     save_denoiser(args.out, trained, config,

@@ -31,46 +31,47 @@ import torch
 from diffusers import AutoencoderKLLTXVideo
 
 from tinyi2v.pipeline import DEFAULTS
-from train.common import Run, photos, prefetch, to_video
+from train.common import Run, add_device_arguments, photos, quantise, rendered, to_video
 from train.data import make_clip
 
 
 def encode_clips(vae: AutoencoderKLLTXVideo, images: list[np.ndarray], count: int,
                  frames: int, size: tuple[int, int], batch: int, seed: int, run: Run
                  ) -> dict[str, np.ndarray]:
-    """`count` clips of random photos (fewer if the time budget runs out) -> the arrays above."""
-    rng = np.random.default_rng(seed)
+    """`count` clips of random photos (fewer if the time budget runs out) -> the arrays above.
+    Clips are 8-bit (`quantise`), as the runtime's photos and videos are."""
 
-    def make() -> tuple[torch.Tensor, float, int]:
+    def make(rng: np.random.Generator) -> tuple[np.ndarray, float, int]:
         index = int(rng.integers(len(images)))
         clip, flow = make_clip(images[index], rng, frames, size)
-        return to_video(clip), flow, index
+        return quantise(clip), flow, index
 
-    clips = prefetch(make)
+    clips = rendered(make, [seed], run.args.workers, ahead=batch)
     out: dict[str, list[np.ndarray]] = {"mean": [], "logvar": [], "guide": [], "flow": [],
                                         "photo": []}
     done = 0
     while done < count and not run.out_of_time():
         items = [next(clips) for _ in range(min(batch, count - done))]
-        video = torch.stack([v for v, _, _ in items])                  # [B, 3, T, H, W]
+        video = to_video(np.stack([v for v, _, _ in items]), run.device)   # [B, 3, T, H, W]
         with torch.no_grad():
             posterior = vae.encode(video).latent_dist
             guide = vae.encode(video[:, :, :1]).latent_dist.mean         # [B, C, 1, h, w]
-        out["mean"].append(posterior.mean.numpy())
-        out["logvar"].append(posterior.logvar[:, :1].numpy())
-        out["guide"].append(guide.numpy())
+        out["mean"].append(posterior.mean.cpu().numpy())
+        out["logvar"].append(posterior.logvar[:, :1].cpu().numpy())
+        out["guide"].append(guide.cpu().numpy())
         out["flow"].append(np.array([f for _, f, _ in items], np.float32))
         out["photo"].append(np.array([i for _, _, i in items], np.int32))
         done += len(items)
+    clips.close()                                     # stops its rendering pool
     if not done:
         raise SystemExit("the time budget was spent before any clip was encoded")
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def load_latents(path: Path) -> dict[str, torch.Tensor]:
-    """A latent dataset file (train.npz / heldout.npz) as tensors."""
+def load_latents(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A latent dataset file (train.npz / heldout.npz) as tensors on `device`."""
     with np.load(path) as data:
-        return {k: torch.from_numpy(data[k]) for k in data.files}
+        return {k: torch.from_numpy(data[k]).to(device) for k in data.files}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="height, width (default: the runtime's default size)")
     parser.add_argument("--batch", type=int, default=4, help="clips per encoder call")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    add_device_arguments(parser)
     parser.add_argument("--max-minutes", type=float, default=None)
     return parser
 
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     run = Run(args.out, args)
-    vae = AutoencoderKLLTXVideo.from_pretrained(args.vae).eval()
+    vae = AutoencoderKLLTXVideo.from_pretrained(args.vae).eval().to(run.device)
     size = tuple(args.size)
     for split, count, seed in (("heldout", args.heldout_clips, args.seed + 1),
                                ("train", args.clips, args.seed)):

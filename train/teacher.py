@@ -86,9 +86,11 @@ def flow_matching_losses(model: nn.Module, data: Mapping[str, torch.Tensor], ind
     """Upstream's training loss on the clips `index` of a latent dataset (see the module doc)."""
     mean, guide = data["mean"][index], data["guide"][index]       # [B, C, T, h, w], [B, C, 1, h, w]
     B = mean.shape[0]
-    x0 = mean + torch.exp(0.5 * data["logvar"][index]) * torch.randn(mean.shape, generator=generator)
-    noise = torch.randn(mean.shape, generator=generator)
-    sigma = torch.sigmoid(torch.randn(B, generator=generator))    # logit-normal(0, 1)
+    device = mean.device
+    x0 = mean + torch.exp(0.5 * data["logvar"][index]) * torch.randn(mean.shape, generator=generator,
+                                                                     device=device)
+    noise = torch.randn(mean.shape, generator=generator, device=device)
+    sigma = torch.sigmoid(torch.randn(B, generator=generator, device=device))  # logit-normal(0, 1)
     s = sigma.view(B, 1, 1, 1, 1)
     x = (1 - s) * x0 + s * noise
     x[:, :, :1] = guide
@@ -130,25 +132,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     run = Run(args.out, args)
-    train = load_latents(args.latents / "train.npz")
-    heldout = load_latents(args.latents / "heldout.npz")
+    train = load_latents(args.latents / "train.npz", run.device)
+    heldout = load_latents(args.latents / "heldout.npz", run.device)
     config = teacher_config(train["mean"].shape[1], args.hidden, args.blocks)
     torch.manual_seed(args.seed)
-    model = init_for_training_(MobileI2VDenoiser.from_config(config))
+    model = init_for_training_(MobileI2VDenoiser.from_config(config)).to(run.device)
     run.log({"parameters": sum(p.numel() for p in model.parameters()),
              "clips": len(train["flow"]), "latent": list(train["mean"].shape[1:])})
 
-    generator = torch.Generator().manual_seed(args.seed * 1000 + run.first_step)
+    generator = torch.Generator(run.device).manual_seed(args.seed * 1000 + run.first_step)
     rng = np.random.default_rng([args.seed, run.first_step])
 
     def loss_fn(step: int) -> Losses:
         index = torch.from_numpy(rng.integers(len(train["flow"]), size=args.batch))
-        return flow_matching_losses(model, train, index, generator)
+        return flow_matching_losses(model, train, index.to(run.device), generator)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         # the same noise, sigmas and posterior samples at every evaluation: comparable numbers
-        eval_generator = torch.Generator().manual_seed(1234)
-        clips = torch.arange(min(args.eval_clips, len(heldout["flow"])))
+        # (on one device: a CUDA generator draws other numbers than the CPU's)
+        eval_generator = torch.Generator(run.device).manual_seed(1234)
+        clips = torch.arange(min(args.eval_clips, len(heldout["flow"])), device=run.device)
         losses = [flow_matching_losses(m, heldout, part, eval_generator)
                   for part in clips.split(args.batch)]
         return {k: float(np.mean([float(l[k]) for l in losses])) for k in losses[0]}

@@ -30,7 +30,8 @@ import torch
 from diffusers import AutoencoderKLLTXVideo
 
 from tinyi2v.pipeline import DEFAULTS
-from train.common import Losses, Run, add_loop_arguments, photos, prefetch, to_video, train_loop
+from train.common import (Losses, Run, add_loop_arguments, photos, quantise, rendered, to_video,
+                          train_loop)
 from train.data import make_clip
 
 
@@ -73,17 +74,13 @@ def init_for_training_(vae: AutoencoderKLLTXVideo, logvar: float = -6.0) -> Auto
     return vae
 
 
-def clip_batch(images: list[np.ndarray], rng: np.random.Generator, clips: int, frames: int,
-               size: tuple[int, int], crop: tuple[int, int], crops_per_clip: int) -> torch.Tensor:
-    """`clips` random clips, `crops_per_clip` random crops of each -> [B, 3, frames, *crop]."""
-    out = []
-    for _ in range(clips):
-        clip, _ = make_clip(images[rng.integers(len(images))], rng, frames, size)
-        for _ in range(crops_per_clip):
-            y = rng.integers(size[0] - crop[0] + 1)
-            x = rng.integers(size[1] - crop[1] + 1)
-            out.append(to_video(clip[:, y:y + crop[0], x:x + crop[1]]))
-    return torch.stack(out)
+def clip_crops(images: list[np.ndarray], rng: np.random.Generator, frames: int,
+               size: tuple[int, int], crop: tuple[int, int], crops: int) -> np.ndarray:
+    """A random clip of a random photo, `crops` random crops of it -> uint8 [crops, frames, *crop, 3]."""
+    clip, _ = make_clip(images[rng.integers(len(images))], rng, frames, size)
+    corners = zip(rng.integers(size[0] - crop[0] + 1, size=crops),
+                  rng.integers(size[1] - crop[1] + 1, size=crops))
+    return quantise(np.stack([clip[:, y:y + crop[0], x:x + crop[1]] for y, x in corners]))
 
 
 def vae_losses(vae: AutoencoderKLLTXVideo, video: torch.Tensor, kl_weight: float,
@@ -182,20 +179,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae = init_for_training_(AutoencoderKLLTXVideo(**vae_config(
             args.latent_channels, args.encoder_channels, args.decoder_channels, args.layers,
             args.patch_size)))
+    vae.to(run.device)
     size, crop = tuple(args.size), tuple(args.crop)
     train_images = photos(args.cache, "train")
     heldout_images = photos(args.cache, "heldout")
-    eval_videos = fixed_clips(heldout_images, args.eval_clips, DEFAULTS["frames"], size, seed=1234)
+    eval_videos = fixed_clips(heldout_images, args.eval_clips, DEFAULTS["frames"], size,
+                              seed=1234).to(run.device)
     with torch.no_grad():
         latent = vae.encode(eval_videos[:1]).latent_dist.mean
     run.log({"parameters": sum(p.numel() for p in vae.parameters()),
              "latent_per_clip": list(latent.shape[1:])})
-    rng = np.random.default_rng([args.seed, run.first_step])
-    batches = prefetch(lambda: clip_batch(train_images, rng, args.batch // args.crops_per_clip,
-                                          args.frames, size, crop, args.crops_per_clip))
+    clips_per_step = args.batch // args.crops_per_clip
+    clips = rendered(lambda rng: clip_crops(train_images, rng, args.frames, size, crop,
+                                            args.crops_per_clip),
+                     [args.seed, run.first_step], args.workers, ahead=clips_per_step)
 
     def loss_fn(step: int) -> Losses:
-        return vae_losses(vae, next(batches), args.kl_weight, args.grad_weight,
+        batch = np.concatenate([next(clips) for _ in range(clips_per_step)])
+        return vae_losses(vae, to_video(batch, run.device), args.kl_weight, args.grad_weight,
                           args.time_weight)
 
     trained = train_loop(run, vae, loss_fn, lambda m: reconstruction_metrics(m, eval_videos))
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.decoder_from:                       # a fine-tuned decoder's is normalised already
         with torch.no_grad():
             scale_videos = fixed_clips(train_images, args.scale_clips, DEFAULTS["frames"], size,
-                                       seed=args.seed + 1)
+                                       seed=args.seed + 1).to(run.device)
             means = torch.cat([trained.encode(v[None]).latent_dist.mean for v in scale_videos])
             std = float(means.std())
             normalise_latents_(trained, std)

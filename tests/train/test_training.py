@@ -264,3 +264,27 @@ def test_numpy_vae_matches_diffusers_on_exported_weights(runs: Path) -> None:
     assert np.abs(decoded).max() > 0.1
     assert np.abs(ours.decode(latent) - decoded).max() <= PARITY
     assert np.abs(ours.encode(video)[0] - mean).max() <= PARITY
+
+
+def _noise_clip(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)
+
+
+def test_rendered_stream_is_the_same_from_a_thread_or_worker_processes():
+    """Item i is drawn from its own generator [*seed, i], whatever renders it: a GPU run with
+    --workers sees the clips a CPU run would."""
+    from itertools import islice
+
+    from train.common import rendered
+    thread = list(islice(rendered(_noise_clip, [3, 0], workers=0, ahead=2), 5))
+    processes = list(islice(rendered(_noise_clip, [3, 0], workers=2), 5))
+    assert all(np.array_equal(a, b) for a, b in zip(thread, processes))
+    assert not np.array_equal(thread[0], thread[1])
+
+
+def test_quantised_clips_become_the_vae_layout_within_half_a_level():
+    from train.common import quantise, to_video
+    clip = _noise_clip(np.random.default_rng(0))                    # [T, H, W, 3]
+    video = to_video(quantise(clip))                                  # [3, T, H, W]
+    assert video.shape == (3, 2, 4, 4) and video.dtype == torch.float32
+    assert float((video - to_video(clip)).abs().max()) <= 0.5 / 127.5 + 1e-6
