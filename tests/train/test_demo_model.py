@@ -1,6 +1,6 @@
 """The shipped models (weights/tinyi2v-demo, the 2-step student, and weights/tinyi2v-teacher):
 the numpy runtime against the torch references on their own FP16 weights, at the models'
-default size (256x384, 17 frames -> latents [32, 5, 8, 12]): the denoiser against
+default size (256x384, 17 frames -> latents [16, 5, 16, 24]): the denoiser against
 train/mobilei2v_torch.py, the VAE against diffusers, and the whole sampler against the
 distillation's torch Euler loop."""
 from __future__ import annotations
