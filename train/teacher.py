@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--eval-clips", type=int, default=32)
+    parser.add_argument("--init-from", type=Path,
+                        help="start from this transformer folder's weights (e.g. "
+                             "weights/tinyi2v-teacher/transformer; its config replaces --hidden "
+                             "and --blocks): continues a teacher whose checkpoint is not at hand, "
+                             "as on a GPU machine where only the repository travels")
     return parser
 
 
@@ -134,9 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run(args.out, args)
     train = load_latents(args.latents / "train.npz", run.device)
     heldout = load_latents(args.latents / "heldout.npz", run.device)
-    config = teacher_config(train["mean"].shape[1], args.hidden, args.blocks)
     torch.manual_seed(args.seed)
-    model = init_for_training_(MobileI2VDenoiser.from_config(config)).to(run.device)
+    if args.init_from:
+        model, config = load_denoiser(args.init_from)
+    else:
+        config = teacher_config(train["mean"].shape[1], args.hidden, args.blocks)
+        model = init_for_training_(MobileI2VDenoiser.from_config(config))
+    model.to(run.device)
     run.log({"parameters": sum(p.numel() for p in model.parameters()),
              "clips": len(train["flow"]), "latent": list(train["mean"].shape[1:])})
 

@@ -175,6 +175,18 @@ def test_resume_continues_the_run(runs: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in log if "loss" in r] == [2, 4]
 
 
+def test_teacher_starts_from_given_weights(runs: Path, random_teacher: Path, tmp_path: Path
+                                           ) -> None:
+    """--init-from: with no steps the saved teacher is exactly the weights it started from."""
+    assert teacher.main(["--latents", str(runs / "latents"), "--out", str(tmp_path / "t"),
+                         "--init-from", str(random_teacher / "transformer"), "--steps", "0",
+                         "--eval-clips", "2", *LOOP]) == 0
+    start = Component(random_teacher / "transformer")
+    saved = Component(tmp_path / "t" / "transformer")
+    assert start.config == saved.config and set(start) == set(saved)
+    assert all(np.array_equal(np.asarray(start[k]), np.asarray(saved[k])) for k in start)
+
+
 def test_export_animates_a_photo(runs: Path) -> None:
     pipe = Pipeline.load(runs / "model")
     assert pipe.vae.spatial_compression == 8 and pipe.vae.temporal_compression == 2
