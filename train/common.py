@@ -113,8 +113,8 @@ class Run:
         (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=1, default=str))
         self.checkpoint = self.out / "checkpoint.pt"
         resume = getattr(self.args, "resume", False) and self.checkpoint.exists()
-        self.resume_state = (torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-                             if resume else None)
+        self.resume_state = (torch.load(self.checkpoint, map_location=self.device,
+                                        weights_only=True) if resume else None)
         if resume:
             self.earlier = self.resume_state["elapsed"]
         else:

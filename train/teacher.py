@@ -87,8 +87,8 @@ def flow_matching_losses(model: nn.Module, data: Mapping[str, torch.Tensor], ind
     mean, guide = data["mean"][index], data["guide"][index]       # [B, C, T, h, w], [B, C, 1, h, w]
     B = mean.shape[0]
     device = mean.device
-    x0 = mean + torch.exp(0.5 * data["logvar"][index]) * torch.randn(mean.shape, generator=generator,
-                                                                     device=device)
+    eps = torch.randn(mean.shape, generator=generator, device=device)
+    x0 = mean + torch.exp(0.5 * data["logvar"][index]) * eps
     noise = torch.randn(mean.shape, generator=generator, device=device)
     sigma = torch.sigmoid(torch.randn(B, generator=generator, device=device))  # logit-normal(0, 1)
     s = sigma.view(B, 1, 1, 1, 1)

@@ -76,7 +76,8 @@ def init_for_training_(vae: AutoencoderKLLTXVideo, logvar: float = -6.0) -> Auto
 
 def clip_crops(images: list[np.ndarray], rng: np.random.Generator, frames: int,
                size: tuple[int, int], crop: tuple[int, int], crops: int) -> np.ndarray:
-    """A random clip of a random photo, `crops` random crops of it -> uint8 [crops, frames, *crop, 3]."""
+    """A random clip of a random photo, `crops` random crops of it
+    -> uint8 [crops, frames, *crop, 3]."""
     clip, _ = make_clip(images[rng.integers(len(images))], rng, frames, size)
     corners = zip(rng.integers(size[0] - crop[0] + 1, size=crops),
                   rng.integers(size[1] - crop[1] + 1, size=crops))
