@@ -18,8 +18,10 @@ from train.data import (
     bilinear,
     dep5_licence,
     fit_image,
+    load_photo,
     make_clip,
     mean_flow,
+    pack,
     parse_dep5,
     read_manifest,
     reference_scale,
@@ -226,6 +228,24 @@ def test_manifest_round_trip(tmp_path):
     write_manifest(path, photos)
     assert read_manifest(path) == sorted(photos, key=lambda p: p.id)
     assert not (tmp_path / "manifest.json.tmp").exists()
+
+
+def test_pack_keeps_every_pixel_and_the_manifest(tmp_path):
+    from PIL import Image
+    cache, out = tmp_path / "cache", tmp_path / "packed"
+    (cache / "photos").mkdir(parents=True)
+    photos = []
+    for i, row in enumerate(catalogue()[:3]):
+        Image.fromarray(synthetic_photo(40 + i, 60, seed=i)).save(cache / row.file)
+        photos.append(row)
+    write_manifest(cache / "manifest.json", photos)
+    packed = pack(cache, out)
+    assert [p.file for p in packed] == [p.file.replace(".png", ".webp") for p in
+                                        read_manifest(cache / "manifest.json")]
+    assert read_manifest(out / "manifest.json") == packed
+    for before, after in zip(read_manifest(cache / "manifest.json"), packed):
+        assert before.id == after.id and before.split == after.split
+        assert np.array_equal(load_photo(cache, before), load_photo(out, after))
 
 
 def test_manifest_version_is_checked(tmp_path):
