@@ -106,7 +106,7 @@ class Run:
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(self.args.threads)
-        self.device = torch.device(getattr(self.args, "device", "cpu"))
+        self.device = torch.device(self.args.device)
         if self.device.type == "cuda":        # TF32 matmuls and autotuned convolutions
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
