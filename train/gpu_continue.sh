@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Continue the shipped demo model on one GPU in under 9.5 minutes: only the repository (with its
+# weights/) and the packed photo cache travel to the machine, so each stage starts from what
+# weights/ holds instead of from scratch (train/README.md, "Continuing on a GPU"):
+#   latents  of new clips, encoded by the shipped VAE (its encoder, so the latent space, is kept)
+#   teacher  --init-from the shipped teacher, at a larger batch
+#   student  distilled afresh from the continued teacher
+#   vae      the shipped VAE's decoder fine-tuned (--decoder-from), alongside the teacher: the
+#            teacher needs no clip rendering, so the CPU workers are free for it
+#
+#   train/gpu_continue.sh CACHE RUNS          # RUNS/{latents,teacher,student,vae}
+#   SMOKE=1 train/gpu_continue.sh ...         # every stage for a few steps: checks the chain
+#
+# DEVICE (cuda), WORKERS (14 for the latents, 2 fewer for the decoder) can be overridden.
+set -eu
+CACHE=$1 RUNS=$2
+DEV="--device ${DEVICE:-cuda} --threads 4"
+W=${WORKERS:-14}
+if [ "${SMOKE:-0}" = 1 ]; then
+    LATENTS="--clips 16 --heldout-clips 4 --batch 4"
+    TEACHER="--steps 4 --eval-every 0 --eval-clips 4 --batch 4"
+    DISTILL="--steps 4 --eval-every 0 --trajectories 4 --eval-clips 4 --batch 4"
+    VAE="--steps 4 --eval-every 0 --eval-clips 1 --batch 4"
+else
+    LATENTS="--clips 20000 --max-minutes 1.3 --batch 32"
+    TEACHER="--steps 100000 --max-minutes 4.8 --eval-every 1000 --batch 128 --lr 4e-4"
+    DISTILL="--steps 100000 --max-minutes 1.4 --trajectories 1024 --eval-every 200 --batch 32"
+    VAE="--steps 100000 --max-minutes 6.6 --eval-every 500 --batch 32"
+fi
+python -m train.latents --cache "$CACHE" --vae weights/tinyi2v-demo/vae --out "$RUNS/latents" \
+    $DEV --workers "$W" $LATENTS
+python -m train.vae --cache "$CACHE" --decoder-from weights/tinyi2v-demo/vae --out "$RUNS/vae" \
+    $DEV --workers $((W - 2)) $VAE --crops-per-clip 4 --time-weight 1 --log-every 50 &
+decoder=$!
+python -m train.teacher --latents "$RUNS/latents" --init-from weights/tinyi2v-teacher/transformer \
+    --out "$RUNS/teacher" $DEV $TEACHER --log-every 100
+python -m train.distill --teacher "$RUNS/teacher" --latents "$RUNS/latents" --out "$RUNS/student" \
+    $DEV $DISTILL --log-every 50
+wait $decoder
