@@ -2,6 +2,7 @@
 
     python benchmarks/bench_denoiser.py                  # official 300M shapes, 1x128x3x23x40
     python benchmarks/bench_denoiser.py --threads 2 --repeat 3
+    python benchmarks/bench_denoiser.py --rounds 3 --model FOLDER    # interleaved, medians
 
 Builds a random-weight model with the official shapes (FP16 on disk, as tinyi2v ships models),
 then runs each contender in its own process (so peak RSS is its own) on the same inputs, and
@@ -131,10 +132,33 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def run_round(env: dict[str, str], model: str, contenders: list[str], repeat: int,
+              tmp: str) -> tuple[float, dict[str, dict], dict[str, str]]:
+    """The sgemm rate, then each contender in its own process: (rate, timings, output files)."""
+    # sgemm in a child too, so it runs under the same thread settings
+    rate = json.loads(subprocess.run([sys.executable, __file__, "--worker", "sgemm"], env=env,
+                                     capture_output=True, text=True, check=True).stdout)["gflops"]
+    results, outputs = {}, {}
+    for kind in contenders:
+        out = str(Path(tmp) / f"{kind}.npy")
+        run = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", model,
+                              "--repeat", str(repeat), "--out", out],
+                             env=env, capture_output=True, text=True)
+        if run.returncode:
+            print(f"{kind}: failed\n{run.stderr[-2000:]}")
+            continue
+        results[kind] = json.loads(run.stdout.strip().splitlines()[-1])
+        outputs[kind] = out
+    return rate, results, outputs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=2, help="forwards per contender (first is warm-up)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="sgemm + every contender, this many times in turn; the summary is the "
+                         "median of the rounds' ratios (a VM's speed drifts within minutes)")
     ap.add_argument("--contenders", default="numba,numpy,torch")
     ap.add_argument("--model", help="an existing transformer folder (default: build a random one)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -143,44 +167,43 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.model, args.repeat, args.out)
 
+    import numpy as np
+
     env = worker_env(args.threads)
+    ratios: dict[str, list[tuple[float, float]]] = {}        # kind -> [(% sgemm, vs torch)]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if not model:
             model = str(Path(tmp) / "transformer")
             print("building random-weight model with the official 300M shapes (FP16) ...")
             build_model(Path(model), seed=0)
-        # sgemm in a child too, so it runs under the same thread settings
-        rate = json.loads(subprocess.run([sys.executable, __file__, "--worker", "sgemm"], env=env,
-                                         capture_output=True, text=True, check=True).stdout)["gflops"]
-        print(f"machine: {os.cpu_count()} cores, {args.threads} threads; numpy sgemm "
-              f"{rate:.0f} GFLOP/s on 2760x1152 @ 1152x5760")
-        results, outputs = {}, {}
-        for kind in args.contenders.split(","):
-            out = str(Path(tmp) / f"{kind}.npy")
-            run = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", model,
-                                  "--repeat", str(args.repeat), "--out", out],
-                                 env=env, capture_output=True, text=True)
-            if run.returncode:
-                print(f"{kind}: failed\n{run.stderr[-2000:]}")
-                continue
-            results[kind] = json.loads(run.stdout.strip().splitlines()[-1])
-            outputs[kind] = out
-        import numpy as np
-
-        print(f"\none forward, batch 1, {GRID[0]}x{GRID[1]}x{GRID[2]} = 2760 tokens, "
-              f"{USEFUL_GFLOP} GFLOP")
-        print(f"{'contender':<10} {'first s':>8} {'best s':>8} {'GFLOP/s':>8} {'% sgemm':>8} "
-              f"{'peak RSS MB':>12} {'vs torch':>9} {'max |diff|':>11}")
-        ref = np.load(outputs["torch"]) if "torch" in outputs else None
-        for kind, r in results.items():
-            best = min(r["times"][1:] or r["times"])
-            ratio = best / min(results["torch"]["times"][1:] or results["torch"]["times"]) \
-                if "torch" in results else float("nan")
-            diff = float(np.abs(np.load(outputs[kind]) - ref).max()) if ref is not None else float("nan")
-            print(f"{kind:<10} {r['times'][0]:8.2f} {best:8.2f} {USEFUL_GFLOP / best:8.1f} "
-                  f"{100 * USEFUL_GFLOP / best / rate:7.0f}% {r['peak_rss_mb']:12.0f} "
-                  f"{ratio:8.2f}x {diff:11.2e}")
+        for r in range(args.rounds):
+            rate, results, outputs = run_round(env, model, args.contenders.split(","),
+                                               args.repeat, tmp)
+            print(f"\nround {r + 1}/{args.rounds}: {os.cpu_count()} cores, {args.threads} "
+                  f"threads; numpy sgemm {rate:.0f} GFLOP/s on 2760x1152 @ 1152x5760; one "
+                  f"forward, batch 1, {GRID[0]}x{GRID[1]}x{GRID[2]} = 2760 tokens, "
+                  f"{USEFUL_GFLOP} GFLOP")
+            print(f"{'contender':<10} {'first s':>8} {'best s':>8} {'GFLOP/s':>8} {'% sgemm':>8} "
+                  f"{'peak RSS MB':>12} {'vs torch':>9} {'max |diff|':>11}")
+            ref = np.load(outputs["torch"]) if "torch" in outputs else None
+            for kind, res in results.items():
+                best = min(res["times"][1:] or res["times"])
+                ratio = best / min(results["torch"]["times"][1:] or results["torch"]["times"]) \
+                    if "torch" in results else float("nan")
+                diff = float(np.abs(np.load(outputs[kind]) - ref).max()) if ref is not None \
+                    else float("nan")
+                share = 100 * USEFUL_GFLOP / best / rate
+                ratios.setdefault(kind, []).append((share, ratio))
+                print(f"{kind:<10} {res['times'][0]:8.2f} {best:8.2f} {USEFUL_GFLOP / best:8.1f} "
+                      f"{share:7.0f}% {res['peak_rss_mb']:12.0f} {ratio:8.2f}x {diff:11.2e}")
+    if args.rounds > 1:
+        print(f"\nmedian of {args.rounds} rounds (min-max):")
+        for kind, pairs in ratios.items():
+            share, ratio = np.array(pairs).T
+            print(f"{kind:<10} {np.median(share):5.0f}% of sgemm ({share.min():.0f}-"
+                  f"{share.max():.0f}), {np.median(ratio):.2f}x torch ({ratio.min():.2f}-"
+                  f"{ratio.max():.2f})")
 
 
 if __name__ == "__main__":
