@@ -22,15 +22,16 @@ SCRIPTS = ["train/gpu_run.sh", "train/gpu_continue.sh"]
 def recorded_commands(script: str, tmp_path: Path, smoke: bool) -> list[list[str]]:
     shim = tmp_path / "bin"
     shim.mkdir(exist_ok=True)
-    log = tmp_path / f"calls-{smoke}.txt"
-    (shim / "python").write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\t" "$a"; done >> "$LOG"\n'
-                                 'echo >> "$LOG"\n')
+    calls = tmp_path / f"calls-{smoke}"                      # a file per call: the scripts run
+    calls.mkdir()                                            # stages concurrently
+    (shim / "python").write_text('#!/bin/sh\nf=$(mktemp "$CALLS/call.XXXXXX")\n'
+                                 'for a in "$@"; do printf "%s\\t" "$a"; done > "$f"\n')
     (shim / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "LOG": str(log),
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
            "SMOKE": "1" if smoke else "0"}
     subprocess.run(["bash", script, "CACHE", str(tmp_path / "runs")], cwd=ROOT, env=env,
                    check=True, capture_output=True, text=True, timeout=60)
-    return [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
+    return [f.read_text().rstrip("\t").split("\t") for f in sorted(calls.iterdir())]
 
 
 @pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
