@@ -8,7 +8,8 @@
 #   vae      the shipped VAE's decoder fine-tuned (--decoder-from), alongside the teacher: the
 #            teacher needs no clip rendering, so the CPU workers are free for it
 #
-#   train/gpu_continue.sh CACHE RUNS          # RUNS/{latents,teacher,student,vae}
+#   train/gpu_continue.sh CACHE RUNS          # from the repository root; RUNS/{latents,teacher,
+#                                             # student,vae}
 #   SMOKE=1 train/gpu_continue.sh ...         # every stage for a few steps: checks the chain
 #
 # DEVICE (cuda), WORKERS (14 for the latents, 2 fewer for the decoder) can be overridden.
