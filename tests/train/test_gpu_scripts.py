@@ -20,6 +20,7 @@ SCRIPTS = ["train/gpu_run.sh", "train/gpu_continue.sh"]
 
 
 def recorded_commands(script: str, tmp_path: Path, smoke: bool) -> list[list[str]]:
+    """Every stage of `script`, the optional ones included (DECODER=1)."""
     shim = tmp_path / "bin"
     shim.mkdir(exist_ok=True)
     calls = tmp_path / f"calls-{smoke}"                      # a file per call: the scripts run
@@ -28,7 +29,7 @@ def recorded_commands(script: str, tmp_path: Path, smoke: bool) -> list[list[str
                                  'for a in "$@"; do printf "%s\\t" "$a"; done > "$f"\n')
     (shim / "python").chmod(0o755)
     env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
-           "SMOKE": "1" if smoke else "0"}
+           "SMOKE": "1" if smoke else "0", "DECODER": "1"}
     subprocess.run(["bash", script, "CACHE", str(tmp_path / "runs")], cwd=ROOT, env=env,
                    check=True, capture_output=True, text=True, timeout=60)
     return [f.read_text().rstrip("\t").split("\t") for f in sorted(calls.iterdir())]
