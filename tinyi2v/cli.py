@@ -103,7 +103,9 @@ def run_options(command):
     options = [
         click.option("--model", type=click.Path(file_okay=False),
                      help="Model folder (default: bundled)."),
-        click.option("--frames", type=int, help="Number of frames (8k+1; others are rounded)."),
+        click.option("--frames", type=int,
+                     help="Number of frames (8k+1 with LTX's VAE, 4k+1 with the demo model's; "
+                          "others are rounded)."),
         click.option("--height", type=int,
                      help="Output height in pixels (rounded to the VAE's factor)."),
         click.option("--width", type=int, help="Output width in pixels."),

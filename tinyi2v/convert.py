@@ -138,8 +138,8 @@ def convert_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Re-save a component folder (config.json + one .safetensors) with its floating tensors in
     `dtype`, names and config unchanged: e.g. LTX-Video's 1.7 GB FP32 `vae/` as 0.84 GB FP16.
 
-    F32 and F16 tensors are memory-mapped and converted one at a time while writing; a BF16
-    source is upcast to float32 in memory first (twice its file size).
+    Each tensor is converted while writing. An F32 source is memory-mapped; an F16 source is
+    read whole first (its file size); a BF16 one upcast to float32 first (twice its file size).
     """
     if dtype not in DTYPES:
         raise FormatError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
