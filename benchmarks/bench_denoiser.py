@@ -187,15 +187,15 @@ def main() -> None:
             print(f"{'contender':<10} {'first s':>8} {'best s':>8} {'GFLOP/s':>8} {'% sgemm':>8} "
                   f"{'peak RSS MB':>12} {'vs torch':>9} {'max |diff|':>11}")
             ref = np.load(outputs["torch"]) if "torch" in outputs else None
+            best = {kind: min(res["times"][1:] or res["times"]) for kind, res in results.items()}
             for kind, res in results.items():
-                best = min(res["times"][1:] or res["times"])
-                ratio = best / min(results["torch"]["times"][1:] or results["torch"]["times"]) \
-                    if "torch" in results else float("nan")
+                ratio = best[kind] / best["torch"] if "torch" in best else float("nan")
                 diff = float(np.abs(np.load(outputs[kind]) - ref).max()) if ref is not None \
                     else float("nan")
-                share = 100 * USEFUL_GFLOP / best / rate
+                share = 100 * USEFUL_GFLOP / best[kind] / rate
                 ratios.setdefault(kind, []).append((share, ratio))
-                print(f"{kind:<10} {res['times'][0]:8.2f} {best:8.2f} {USEFUL_GFLOP / best:8.1f} "
+                print(f"{kind:<10} {res['times'][0]:8.2f} {best[kind]:8.2f} "
+                      f"{USEFUL_GFLOP / best[kind]:8.1f} "
                       f"{share:7.0f}% {res['peak_rss_mb']:12.0f} {ratio:8.2f}x {diff:11.2e}")
     if args.rounds > 1:
         print(f"\nmedian of {args.rounds} rounds (min-max):")
