@@ -158,8 +158,9 @@ def linear_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping)
 def softmax_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping,
                             query_chunk: int = 128) -> np.ndarray:
     """Full softmax attention (§4.8) with RoPE. One head and `query_chunk` queries at a time:
-    the [chunk, N] scores stay in cache through max, exp and sum, memory is O(chunk * N), and
-    the normalisation divides the [chunk, hd] output instead of the scores."""
+    the [chunk, N] scores stay in cache through max and exp, and memory is O(chunk * N). The
+    row sums come out of the value product: v gets a column of ones, so one GEMM gives the
+    unnormalised output and its denominator, and the division touches [chunk, hd] values."""
     B, N, D = a.shape
     nh, hd = D // cfg["head_dim"], cfg["head_dim"]
     qkv = linear(a, p[b + "attn.qkv.weight"], p[b + "attn.qkv.bias"])   # [B, N, 3D]
@@ -168,17 +169,21 @@ def softmax_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping
     v = qkv[..., 2 * D:].reshape(B, N, nh, hd)
     q *= np.float32(hd ** -0.5)
     o = np.empty((B, N, nh, hd), dtype=np.float32)
+    v1 = np.ones((N, hd + 1), dtype=np.float32)              # [N, hd | 1]
     scores = np.empty((min(query_chunk, N), N), dtype=np.float32)
+    sums = np.empty((min(query_chunk, N), hd + 1), dtype=np.float32)
     for i in range(B):
         for h in range(nh):
             kt = np.ascontiguousarray(k[i, :, h].T)           # [hd, N]
-            vh = np.ascontiguousarray(v[i, :, h])             # [N, hd]
+            v1[:, :hd] = v[i, :, h]
             for s in range(0, N, query_chunk):
-                e = scores[:min(query_chunk, N - s)]          # [n, N]
-                np.matmul(q[i, s:s + len(e), h], kt, out=e)   # [n, hd] @ [hd, N]
-                e -= e.max(axis=1, keepdims=True)
+                n = min(query_chunk, N - s)
+                e, r = scores[:n], sums[:n]
+                np.matmul(q[i, s:s + n, h], kt, out=e)        # [n, hd] @ [hd, N] -> [n, N]
+                e -= e.max(axis=1, keepdims=True)             # exp(e) <= 1: cannot overflow
                 np.exp(e, out=e)
-                o[i, s:s + len(e), h] = (e @ vh) / e.sum(axis=1, keepdims=True)   # [n, hd]
+                np.matmul(e, v1, out=r)                       # [n, N] @ [N, hd + 1]
+                np.divide(r[:, :hd], r[:, hd:], out=o[i, s:s + n, h])   # [n, hd] / row sums
     return linear(o.reshape(B, N, D), p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])
 
 
