@@ -125,6 +125,32 @@ def test_softmax_attention_chunks_do_not_change_the_result():
     np.testing.assert_allclose(chunked[1:], one, atol=1e-6, rtol=0)
 
 
+def test_softmax_attention_exact_when_scores_span_hundreds():
+    """Scores over 80 below their row's maximum are raised to -80 (their exp would be a slow
+    subnormal float): the result must still be float64 softmax attention's, here with scores
+    spanning more than the 150 a trained model reaches (a floor of -10 instead fails this)."""
+    cfg = denoiser.official_config(in_channels=8, hidden_size=144, num_blocks=1,
+                                   softmax_blocks=(0,), mlp_hidden_size=48)
+    p = random_denoiser_params(cfg)
+    p["blocks.0.attn.qkv.weight"][:288] *= 6                   # q and k rows: scores x36
+    a = np.random.default_rng(3).standard_normal((1, 60, 144)).astype(np.float32)
+    rope = denoiser.rope_tables(3, 4, 5, 72, cfg["rope_scales"], cfg["rope_theta"])
+    out = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=16)
+
+    qkv = denoiser.linear(a, p["blocks.0.attn.qkv.weight"], p["blocks.0.attn.qkv.bias"])
+    q, k = (ops.rope3d(qkv[..., i:i + 144].reshape(1, 60, 2, 72), *rope).astype(np.float64)
+            for i in (0, 144))                                 # [1, N, heads, 72]
+    v = qkv[..., 288:].reshape(1, 60, 2, 72).astype(np.float64)
+    scores = np.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(72)  # [1, heads, N, N]
+    span = (scores.max(-1) - scores.min(-1)).max()
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    o = np.einsum("bhnm,bmhd->bnhd", weights / weights.sum(-1, keepdims=True), v)
+    expect = denoiser.linear(o.reshape(1, 60, 144), p["blocks.0.attn.proj.weight"].astype(
+        np.float64), p["blocks.0.attn.proj.bias"])
+    assert span > 200, span
+    np.testing.assert_allclose(out, expect, atol=2e-5 * np.abs(expect).max(), rtol=0)
+
+
 def test_bad_inputs_state_the_rule():
     cfg = denoiser.official_config(in_channels=8, hidden_size=144, num_blocks=1,
                                    softmax_blocks=(), mlp_hidden_size=16)
