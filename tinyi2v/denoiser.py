@@ -156,7 +156,7 @@ def linear_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping)
 
 
 def softmax_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping,
-                            query_chunk: int = 128) -> np.ndarray:
+                            query_chunk: int = 256) -> np.ndarray:
     """Full softmax attention (§4.8) with RoPE. One head and `query_chunk` queries at a time:
     the [chunk, N] scores stay in cache through max and exp, and memory is O(chunk * N). The
     row sums come out of the value product: v gets a column of ones, so one GEMM gives the
