@@ -132,7 +132,7 @@ def test_softmax_attention_exact_when_scores_span_hundreds():
     cfg = denoiser.official_config(in_channels=8, hidden_size=144, num_blocks=1,
                                    softmax_blocks=(0,), mlp_hidden_size=48)
     p = random_denoiser_params(cfg)
-    p["blocks.0.attn.qkv.weight"][:288] *= 6                   # q and k rows: scores x36
+    p["blocks.0.attn.qkv.weight"][:288] *= 6                   # q and k rows: scores ~36x
     a = np.random.default_rng(3).standard_normal((1, 60, 144)).astype(np.float32)
     rope = denoiser.rope_tables(3, 4, 5, 72, cfg["rope_scales"], cfg["rope_theta"])
     out = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=16)
