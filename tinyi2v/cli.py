@@ -56,7 +56,9 @@ class ProgressBar:
     KeyboardInterrupt raised inside them, so a Ctrl-C during the first run's compilation would
     be lost (and Python prints it as "Exception ignored ... Traceback"). `interrupt` (the SIGINT
     handler while it is installed) also sets a flag that the next progress report raises
-    again, and `unraisable` keeps such swallowed interrupts off the screen."""
+    again, and `unraisable` keeps such swallowed interrupts off the screen. A swallowed
+    interrupt can also leave numba's half-built function behind, which then fails with its own
+    error (RuntimeError "no compiled object yet"): after a Ctrl-C, any error is the interrupt."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.tty = quiet, sys.stderr.isatty()
@@ -82,6 +84,10 @@ class ProgressBar:
         hook, sys.unraisablehook = sys.unraisablehook, self.unraisable
         try:
             yield
+        except Exception:
+            if self.interrupted:
+                raise KeyboardInterrupt from None
+            raise
         finally:
             sys.unraisablehook = hook
             if previous is not None:
