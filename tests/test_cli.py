@@ -213,6 +213,33 @@ def test_ctrl_c_swallowed_then_an_error_is_still_an_interrupt(model, photo, tmp_
     no_output(tmp_path)
 
 
+def test_ctrl_c_hides_errors_of_objects_it_cut_short():
+    """The other trace of a Ctrl-C inside llvmlite (seen once in 150 runs of the test above
+    under CPU load): an object whose constructor it interrupted raises AttributeError from its
+    destructor when collected, at exit. Python prints that as "Exception ignored ... Traceback"
+    after our one line unless the filter stays on."""
+    code = ("import os, signal, time\n"
+            "from tinyi2v.cli import ProgressBar\n"
+            "class CutShort:\n"
+            "    def __del__(self):\n"
+            "        self._ptr\n"                               # never set: AttributeError
+            "bar = ProgressBar(quiet=True)\n"
+            "try:\n"
+            "    with bar.catching_interrupts():\n"
+            "        try:\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "            time.sleep(1)\n"
+            "        except KeyboardInterrupt:\n"
+            "            kept = CutShort()\n"
+            "        raise RuntimeError('no compiled object yet')\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted')\n"
+            "del kept\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout == "interrupted\n", (run.stdout, run.stderr)
+    assert run.stderr == "", run.stderr
+
+
 def test_help_does_not_import_numba():
     code = ("import sys\nfrom tinyi2v.cli import cli\n"
             "for args in (['--help'], ['animate', '--help'], ['convert', '--help']):\n"

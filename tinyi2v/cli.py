@@ -58,7 +58,9 @@ class ProgressBar:
     handler while it is installed) also sets a flag that the next progress report raises
     again, and `unraisable` keeps such swallowed interrupts off the screen. A swallowed
     interrupt can also leave numba's half-built function behind, which then fails with its own
-    error (RuntimeError "no compiled object yet"): after a Ctrl-C, any error is the interrupt."""
+    error (RuntimeError "no compiled object yet"), and llvmlite objects whose constructor it cut
+    short, whose destructors raise when collected, even at exit: after a Ctrl-C, any error is
+    the interrupt, and no destructor's error is shown."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.tty = quiet, sys.stderr.isatty()
@@ -70,7 +72,7 @@ class ProgressBar:
         raise KeyboardInterrupt
 
     def unraisable(self, info) -> None:
-        if not issubclass(info.exc_type, KeyboardInterrupt):
+        if not (self.interrupted or issubclass(info.exc_type, KeyboardInterrupt)):
             sys.__unraisablehook__(info)
 
     @contextlib.contextmanager
@@ -89,7 +91,8 @@ class ProgressBar:
                 raise KeyboardInterrupt from None
             raise
         finally:
-            sys.unraisablehook = hook
+            if not self.interrupted:                         # else: the process is ending
+                sys.unraisablehook = hook
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
 
