@@ -20,6 +20,7 @@ import numpy as np
 
 from . import ops
 from .errors import FormatError, TinyI2VError
+from .ops.blas import split_run
 from .weights import Component, check_config, check_tensors, component_dir
 
 Params = Mapping[str, np.ndarray]
@@ -158,9 +159,10 @@ def linear_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping)
 def softmax_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping,
                             query_chunk: int = 256) -> np.ndarray:
     """Full softmax attention (§4.8) with RoPE. One head and `query_chunk` queries at a time:
-    the [chunk, N] scores stay in cache through max and exp, and memory is O(chunk * N). The
-    row sums come out of the value product: v gets a column of ones, so one GEMM gives the
-    unnormalised output and its denominator, and the division touches [chunk, hd] values.
+    the [chunk, N] scores stay in cache through max and exp, and memory is O(chunk * N) per
+    thread (the heads are shared out over BLAS's threads, see ops/blas.py). The row sums come
+    out of the value product: v gets a column of ones, so one GEMM gives the unnormalised
+    output and its denominator, and the division touches [chunk, hd] values.
 
     Scores more than 80 below their row's maximum are raised to -80 before the exp: their
     weights (under 2e-35 of the largest, far below float32's resolution of the row sum, so the
@@ -175,11 +177,12 @@ def softmax_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping
     v = qkv[..., 2 * D:].reshape(B, N, nh, hd)
     q *= np.float32(hd ** -0.5)
     o = np.empty((B, N, nh, hd), dtype=np.float32)
-    v1 = np.ones((N, hd + 1), dtype=np.float32)              # [N, hd | 1]
-    scores = np.empty((min(query_chunk, N), N), dtype=np.float32)
-    sums = np.empty((min(query_chunk, N), hd + 1), dtype=np.float32)
-    for i in range(B):
-        for h in range(nh):
+
+    def heads(share: range) -> None:                          # one thread's (sample, head) pairs
+        v1 = np.ones((N, hd + 1), dtype=np.float32)          # [N, hd | 1]
+        scores = np.empty((min(query_chunk, N), N), dtype=np.float32)
+        sums = np.empty((min(query_chunk, N), hd + 1), dtype=np.float32)
+        for i, h in (divmod(j, nh) for j in share):
             kt = np.ascontiguousarray(k[i, :, h].T)           # [hd, N]
             v1[:, :hd] = v[i, :, h]
             for s in range(0, N, query_chunk):
@@ -191,6 +194,8 @@ def softmax_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping
                 np.exp(e, out=e)
                 np.matmul(e, v1, out=r)                       # [n, N] @ [N, hd + 1]
                 np.divide(r[:, :hd], r[:, hd:], out=o[i, s:s + n, h])   # [n, hd] / row sums
+
+    split_run(heads, B * nh)                                  # heads over threads (ops/blas.py)
     return linear(o.reshape(B, N, D), p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])
 
 
