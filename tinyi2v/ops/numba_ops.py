@@ -222,17 +222,26 @@ def _depthwise_silu_gate(x, weight, bias, out):
     half = C // 2
     for fh in prange(F * H):
         f, i = fh // H, fh % H
-        acc = np.empty((W, C), dtype=np.float32)              # one output row, kept in cache
+        acc = np.empty(C, dtype=np.float32)
         for j in range(W):
-            for c in range(C):
-                acc[j, c] = bias[c]
-            for di in range(max(0, 1 - i), min(3, H + 1 - i)):          # taps inside the frame
+            if 0 < i < H - 1 and 0 < j < W - 1:              # inside: nine taps, in registers
+                for c in range(half):                         # contiguous: vectorises
+                    a, g = bias[c], bias[half + c]
+                    for di in range(3):
+                        for dj in range(3):
+                            a += x[f, i + di - 1, j + dj - 1, c] * weight[di, dj, c]
+                            g += x[f, i + di - 1, j + dj - 1, half + c] * weight[di, dj, half + c]
+                    out[f, i, j, c] = a * g * _sigmoid(g)
+                continue
+            for c in range(C):                                # on the border: the taps that
+                acc[c] = bias[c]                              # fall inside the frame, summed
+            for di in range(max(0, 1 - i), min(3, H + 1 - i)):          # in the same order
                 for dj in range(max(0, 1 - j), min(3, W + 1 - j)):
-                    for c in range(C):                                # contiguous: vectorises
-                        acc[j, c] += x[f, i + di - 1, j + dj - 1, c] * weight[di, dj, c]
+                    for c in range(C):
+                        acc[c] += x[f, i + di - 1, j + dj - 1, c] * weight[di, dj, c]
             for c in range(half):
-                g = acc[j, half + c]
-                out[f, i, j, c] = acc[j, c] * g * _sigmoid(g)
+                g = acc[half + c]
+                out[f, i, j, c] = acc[c] * g * _sigmoid(g)
 
 
 def depthwise_silu_gate(x, weight, bias):
