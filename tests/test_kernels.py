@@ -61,18 +61,24 @@ def test_linear_attention(B, N, heads, D, seed):
 @given(B=st.integers(1, 2), N=dims, heads=st.integers(1, 3), K=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_qk_norm_rope(B, N, heads, K, seed):
     D = 6 * K
-    x, gain, cos, sin = arrays(seed, (B, N, heads, D), (heads * D,), (N, 3, K), (N, 3, K))
-    np.testing.assert_allclose(numba_ops.qk_norm_rope(x, gain, 1e-5, cos, sin),
-                               ref.qk_norm_rope(x, gain, 1e-5, cos, sin), **TOL)
+    qkv, gq, gk, cos, sin = arrays(seed, (B, N, 3, heads, D), (heads * D,), (heads * D,),
+                                   (N, 3, K), (N, 3, K))
+    for got, expect in zip(numba_ops.qk_norm_rope(qkv, gq, gk, 1e-5, cos, sin),
+                           ref.qk_norm_rope(qkv, gq, gk, 1e-5, cos, sin), strict=True):
+        np.testing.assert_allclose(got, expect, **TOL)
 
 
 def test_qk_norm_rope_normalises_over_all_heads():
-    """The numpy twin against its definition: one RMS over the token's heads * D values."""
-    x, gain, cos, sin = arrays(3, (1, 2, 2, 6), (12,), (2, 3, 1), (2, 3, 1))
-    flat = x.reshape(1, 2, 12)
-    normed = flat / np.sqrt((flat ** 2).mean(-1, keepdims=True) + 1e-5) * gain
-    expect = ref.rope3d(normed.reshape(1, 2, 2, 6), cos, sin, relu=True)
-    np.testing.assert_allclose(ref.qk_norm_rope(x, gain, 1e-5, cos, sin), expect, rtol=1e-5, atol=1e-6)
+    """The numpy twin against its definition: one RMS over the token's heads * D values, q and
+    k each with their own gain; v (slot 2) is not read."""
+    qkv, gq, gk, cos, sin = arrays(3, (1, 2, 3, 2, 6), (12,), (12,), (2, 3, 1), (2, 3, 1))
+    qkv[:, :, 2] = np.nan
+    for slot, gain, got in zip((0, 1), (gq, gk), ref.qk_norm_rope(qkv, gq, gk, 1e-5, cos, sin),
+                               strict=True):
+        flat = qkv[:, :, slot].reshape(1, 2, 12)
+        normed = flat / np.sqrt((flat ** 2).mean(-1, keepdims=True) + 1e-5) * gain
+        expect = ref.rope3d(normed.reshape(1, 2, 2, 6), cos, sin, relu=True)
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
 
 
 def direct_depthwise(x, w, b):

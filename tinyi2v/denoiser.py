@@ -145,11 +145,9 @@ def linear_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping)
     B, N, D = a.shape
     nh, hd = D // cfg["head_dim"], cfg["head_dim"]
     qkv = linear(a, p[b + "attn.qkv.weight"])                  # [B, N, D] -> [B, N, 3D]
-    eps = cfg["qk_norm_eps"]                                  # RMSNorm, RoPE, ReLU: >= 0
-    q = ops.qk_norm_rope(qkv[..., :D].reshape(B, N, nh, hd), p[b + "attn.q_norm.weight"], eps,
-                         *rope)                              # [B, N, heads, hd]
-    k = ops.qk_norm_rope(qkv[..., D:2 * D].reshape(B, N, nh, hd), p[b + "attn.k_norm.weight"],
-                         eps, *rope)
+    q, k = ops.qk_norm_rope(qkv.reshape(B, N, 3, nh, hd), p[b + "attn.q_norm.weight"],
+                            p[b + "attn.k_norm.weight"], cfg["qk_norm_eps"],
+                            *rope)                            # RMSNorm, RoPE, ReLU: [B, N, heads, hd]
     v = np.ascontiguousarray(qkv[..., 2 * D:]).reshape(B, N, nh, hd)
     o = ops.linear_attention(q, k, v, cfg["linear_attention_eps"])   # [B, N, heads, hd]
     o = linear(o.reshape(B, N, D), p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])

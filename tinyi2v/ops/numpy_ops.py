@@ -63,18 +63,23 @@ def rope3d(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, relu: bool = False) 
     return out.reshape(B, N, nh, D)
 
 
-def qk_norm_rope(x: np.ndarray, gain: np.ndarray, eps: float, cos: np.ndarray,
-                 sin: np.ndarray) -> np.ndarray:
-    """The linear-attention query/key path: RMSNorm over all heads of a token (x / sqrt(mean(x^2)
-    + eps) * gain, before the head split upstream), then `rope3d`, then ReLU.
+def qk_norm_rope(qkv: np.ndarray, q_gain: np.ndarray, k_gain: np.ndarray, eps: float,
+                 cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The linear-attention query/key path, for q and k of the fused projection: RMSNorm over
+    all heads of a token (x / sqrt(mean(x^2) + eps) * gain, before the head split upstream),
+    then `rope3d`, then ReLU.
 
-    x [B, N, heads, D]; gain [heads * D]; cos, sin [N, 3, K] -> [B, N, heads, D], >= 0.
+    qkv [B, N, 3, heads, D] (q, k, v); gains [heads * D]; cos, sin [N, 3, K]
+    -> q, k [B, N, heads, D], >= 0.
     """
-    B, N, nh, D = x.shape
-    flat = x.reshape(B, N, nh * D)
-    y = flat * (1.0 / np.sqrt(np.mean(flat * flat, axis=-1, keepdims=True) + np.float32(eps)))
-    y *= gain
-    return rope3d(y.reshape(B, N, nh, D), cos, sin, relu=True)
+    B, N, _, nh, D = qkv.shape
+    out = []
+    for flat, gain in ((qkv[:, :, 0].reshape(B, N, nh * D), q_gain),
+                       (qkv[:, :, 1].reshape(B, N, nh * D), k_gain)):
+        y = flat * (1.0 / np.sqrt(np.mean(flat * flat, axis=-1, keepdims=True) + np.float32(eps)))
+        y *= gain
+        out.append(rope3d(y.reshape(B, N, nh, D), cos, sin, relu=True))
+    return out[0], out[1]
 
 
 def linear_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
