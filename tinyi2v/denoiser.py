@@ -148,7 +148,7 @@ def linear_attention_block(p: Params, b: str, a: np.ndarray, rope, cfg: Mapping)
     q, k = ops.qk_norm_rope(qkv.reshape(B, N, 3, nh, hd), p[b + "attn.q_norm.weight"],
                             p[b + "attn.k_norm.weight"], cfg["qk_norm_eps"],
                             *rope)                            # RMSNorm, RoPE, ReLU: [B, N, heads, hd]
-    v = np.ascontiguousarray(qkv[..., 2 * D:]).reshape(B, N, nh, hd)
+    v = qkv[..., 2 * D:].reshape(B, N, nh, hd)                # a view: only GEMMs read it
     o = ops.linear_attention(q, k, v, cfg["linear_attention_eps"])   # [B, N, heads, hd]
     o = linear(o.reshape(B, N, D), p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])
     return np.clip(o, -65504.0, 65504.0, out=o)               # the official fp16 guard (no-op)
