@@ -7,7 +7,8 @@
 Builds a random-weight model with the official shapes (FP16 on disk, as tinyi2v ships models),
 then runs each contender in its own process (so peak RSS is its own) on the same inputs, and
 prints seconds per forward, achieved GFLOP/s (1437.4 useful GFLOP at 2760 tokens, spec §10),
-peak RSS, and the sgemm rate of this machine measured in the same run. Not a test: timings on a
+peak RSS, and the share of this machine's sgemm rate measured in the same run (best of 5
+products, and sustained over 10 s). Not a test: timings on a
 shared machine are noisy, so compare the ratios of one run.
 """
 from __future__ import annotations
