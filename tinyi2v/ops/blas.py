@@ -27,19 +27,22 @@ _openblas: tuple | None | bool = False    # (set, get) once found; None: not ava
 
 
 def _library_paths() -> list[str]:
-    """Candidate OpenBLAS files: those mapped into this process (Linux), else numpy's bundle."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split(None, 5)[-1].strip() for line in maps if "openblas" in line}
-        if paths:
-            return sorted(p for p in paths if os.path.isfile(p))
-    except OSError:
-        pass
+    """Candidate OpenBLAS files: numpy's own bundle (its wheels), else any OpenBLAS mapped into
+    this process (Linux: a numpy built against the system's). numpy's first, because other
+    wheels (scipy's) bundle an OpenBLAS of their own, whose thread count numpy never reads."""
     import numpy
 
     root = os.path.dirname(numpy.__file__)
-    return sorted(glob.glob(os.path.join(root, ".dylibs", "*openblas*"))
-                  + glob.glob(os.path.join(os.path.dirname(root), "numpy.libs", "*openblas*")))
+    bundled = sorted(glob.glob(os.path.join(root, ".dylibs", "*openblas*"))
+                     + glob.glob(os.path.join(os.path.dirname(root), "numpy.libs", "*openblas*")))
+    if bundled:
+        return bundled
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.split(None, 5)[-1].strip() for line in maps if "openblas" in line}
+    except OSError:
+        return []
+    return sorted(p for p in mapped if os.path.isfile(p))
 
 
 def _find_openblas() -> tuple | None:

@@ -73,13 +73,14 @@ def qk_norm_rope(qkv: np.ndarray, q_gain: np.ndarray, k_gain: np.ndarray, eps: f
     -> q, k [B, N, heads, D], >= 0.
     """
     B, N, _, nh, D = qkv.shape
-    out = []
-    for flat, gain in ((qkv[:, :, 0].reshape(B, N, nh * D), q_gain),
-                       (qkv[:, :, 1].reshape(B, N, nh * D), k_gain)):
+
+    def norm_rope(x: np.ndarray, gain: np.ndarray) -> np.ndarray:   # [B, N, heads, D]
+        flat = x.reshape(B, N, nh * D)
         y = flat * (1.0 / np.sqrt(np.mean(flat * flat, axis=-1, keepdims=True) + np.float32(eps)))
         y *= gain
-        out.append(rope3d(y.reshape(B, N, nh, D), cos, sin, relu=True))
-    return out[0], out[1]
+        return rope3d(y.reshape(B, N, nh, D), cos, sin, relu=True)
+
+    return norm_rope(qkv[:, :, 0], q_gain), norm_rope(qkv[:, :, 1], k_gain)
 
 
 def linear_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
