@@ -11,7 +11,8 @@ numpy has no API for that; this finds OpenBLAS's own `openblas_set_num_threads` 
 numpy loaded (as threadpoolctl does). Where there is none (Apple's Accelerate, MKL, Pyodide),
 or BLAS runs one thread, the work runs in the calling thread as one piece. Each piece computes
 what it would compute alone, with the same single-threaded products, so results do not depend
-on the split.
+on the split. The thread count is OpenBLAS's process-wide setting: an application calling
+numpy's matrix products from another thread during a split gets one BLAS thread meanwhile.
 """
 from __future__ import annotations
 
