@@ -207,6 +207,7 @@ def test_ctrl_c_swallowed_then_an_error_is_still_an_interrupt(model, photo, tmp_
         raise RuntimeError("no compiled object yet for <Library '_pixel_norm'>")
 
     monkeypatch.setattr(Pipeline, "__call__", compile_interrupted)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)   # left set after a Ctrl-C
     result = animate(model, photo, "-o", tmp_path / "clip.gif")
     assert result.exit_code == 130 and "interrupted" in result.output, result.output
     assert "RuntimeError" not in result.output
