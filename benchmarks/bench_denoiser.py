@@ -217,5 +217,6 @@ def main() -> None:
                   f"({sustained.min():.0f}-{sustained.max():.0f}), {np.median(ratio):.2f}x torch "
                   f"({ratio.min():.2f}-{ratio.max():.2f})")
 
+
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ def numpy_uses_openblas() -> bool:
 def openblas():
     if not numpy_uses_openblas():
         pytest.skip("numpy is not linked to OpenBLAS here")
-    found = blas._find_openblas()
+    found = blas._openblas()
     assert found is not None, "numpy's OpenBLAS was not found"
     return found
 
@@ -51,7 +51,7 @@ def test_a_workers_error_reaches_the_caller_and_blas_is_restored(openblas):
 
 
 def test_without_blas_control_the_work_runs_here_in_one_piece(monkeypatch):
-    monkeypatch.setattr(blas, "_openblas", None)
+    monkeypatch.setattr(blas, "_openblas", lambda: None)
     seen = []
     blas.split_run(lambda share: seen.append((share, threading.get_ident())), 7)
     assert seen == [(range(7), threading.get_ident())]
@@ -67,6 +67,6 @@ def test_softmax_block_is_the_same_split_or_not(monkeypatch):
     a = np.random.default_rng(3).normal(size=(2, 2 * 3 * 5, 144)).astype(np.float32)
     rope = rope_tables(2, 3, 5, 72, cfg["rope_scales"], cfg["rope_theta"])
     split = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=7)
-    monkeypatch.setattr(blas, "_openblas", None)
+    monkeypatch.setattr(blas, "_openblas", lambda: None)
     one = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=7)
     np.testing.assert_array_equal(split, one)

@@ -17,6 +17,7 @@ numpy's matrix products from another thread during a split gets one BLAS thread 
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import threading
@@ -24,7 +25,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 _lock = threading.Lock()                  # one split at a time: each sets and restores BLAS
-_openblas: tuple | None | bool = False    # (set, get) once found; None: not available
 
 
 def _library_paths() -> list[str]:
@@ -46,7 +46,9 @@ def _library_paths() -> list[str]:
     return sorted(p for p in mapped if os.path.isfile(p))
 
 
-def _find_openblas() -> tuple | None:
+@functools.cache
+def _openblas() -> tuple | None:
+    """OpenBLAS's (set_num_threads, get_num_threads), looked up once; None where not found."""
     for path in _library_paths():
         try:
             lib = ctypes.CDLL(path)
@@ -68,15 +70,13 @@ def _find_openblas() -> tuple | None:
 def split_run(work: Callable[[range], None], n: int) -> None:
     """work(range(j, n, T)) for j < T, on T threads (T = BLAS's thread count, at most n), with
     BLAS single-threaded meanwhile; work(range(n)) here where that cannot be arranged."""
-    global _openblas
-    if _openblas is False:
-        _openblas = _find_openblas()
-    before = _openblas[1]() if _openblas else 1
+    found = _openblas()
+    before = found[1]() if found else 1
     threads = min(before, n)
     if threads <= 1 or not _lock.acquire(blocking=False):    # another split is running
         work(range(n))
         return
-    set_threads = _openblas[0]
+    set_threads = found[0]
     try:
         set_threads(1)
         with ThreadPoolExecutor(threads - 1) as pool:
