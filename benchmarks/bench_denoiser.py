@@ -10,6 +10,11 @@ prints seconds per forward, achieved GFLOP/s (1437.4 useful GFLOP at 2760 tokens
 peak RSS, and the share of this machine's sgemm rate measured in the same run (best of 5
 products, and sustained over 10 s). Not a test: timings on a
 shared machine are noisy, so compare the ratios of one run.
+
+The `gemms` contender is not a forward: it runs only the forward's linear layers (1349.6 of the
+1437.4 GFLOP), each as tinyi2v's `linear` computes it, with FP32 weights already in memory, in
+the forward's order and shapes. Its time is a floor for any forward whose products go through
+numpy's BLAS: the rest of the forward (attention, convolution, norms, weight reads) only adds.
 """
 from __future__ import annotations
 
@@ -64,10 +69,41 @@ def build_model(folder: Path, seed: int) -> None:
     save_component(folder, cfg, tensors, dtype="F16")
 
 
+def dense_products(model: str):
+    """A call that runs the forward's linear layers only (see the module docstring): random
+    FP32 inputs and weights (distinct per layer, as the forward's are) of the checkpoint's
+    shapes; products on [B*N, in] rows, in forward order."""
+    import numpy as np
+
+    from tinyi2v.denoiser import linear, param_shapes
+    from tinyi2v.weights import Component
+
+    cfg = Component(model).config
+    shapes = param_shapes(cfg)
+    names = ["x_embedder.proj.weight"] + [f"blocks.{i}.{layer}" for i in range(cfg["num_blocks"])
+                                          for layer in ("attn.qkv.weight", "attn.proj.weight",
+                                                        "mlp.inverted_conv.conv.weight",
+                                                        "mlp.point_conv.conv.weight")]
+    names.append("final_layer.linear.weight")
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(shapes[n], np.float32) for n in names]
+    rows = int(np.prod(GRID))
+    x = {w.shape[1]: rng.standard_normal((rows, w.shape[1]), np.float32) for w in weights}
+
+    def call():
+        for w in weights:
+            y = linear(x[w.shape[1]], w)                      # [N, in] -> [N, out]
+        return y
+    return call, sum(2 * rows * w.size for w in weights) / 1e9
+
+
 def worker(kind: str, model: str, repeat: int, out: str) -> None:
     """Run `repeat` forwards in this process; print one JSON line with the timings."""
     if kind == "sgemm":
         return print(json.dumps({"burst": sgemm_gflops(), "sustained": sgemm_gflops(10.0)}))
+    if kind == "gemms":
+        call, gflop = dense_products(model)
+        return time_calls(call, repeat, out, gflop=gflop)
     x, t, mask, flow = inputs()
     if kind == "torch":
         import torch
@@ -96,9 +132,9 @@ def worker(kind: str, model: str, repeat: int, out: str) -> None:
     time_calls(forward, repeat, out)
 
 
-def time_calls(call, repeat: int, out: str) -> None:
+def time_calls(call, repeat: int, out: str, **extra) -> None:
     """Time `repeat` calls, save the last result to `out` and print the JSON line the parent
-    process reads (shared by the benchmark scripts)."""
+    process reads, with `extra` in it (shared by the benchmark scripts)."""
     import numpy as np
 
     # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak into a forked and
@@ -112,7 +148,7 @@ def time_calls(call, repeat: int, out: str) -> None:
         result = call()
         times.append(time.perf_counter() - start)
     np.save(out, result)
-    print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"times": times, "peak_rss_mb": peak_rss_mb(), **extra}))
 
 
 def sgemm_gflops(sustain_s: float = 0.0) -> float:
@@ -169,7 +205,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="sgemm + every contender, this many times in turn; the summary is the "
                          "median of the rounds' ratios (a VM's speed drifts within minutes)")
-    ap.add_argument("--contenders", default="numba,numpy,torch")
+    ap.add_argument("--contenders", default="numba,numpy,torch,gemms")
     ap.add_argument("--model", help="an existing transformer folder (default: build a random one)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -200,13 +236,14 @@ def main() -> None:
             best = {kind: min(res["times"][1:] or res["times"]) for kind, res in results.items()}
             for kind, res in results.items():
                 ratio = best[kind] / best["torch"] if "torch" in best else float("nan")
-                diff = float(np.abs(np.load(outputs[kind]) - ref).max()) if ref is not None \
-                    else float("nan")
-                burst, sustained = (100 * USEFUL_GFLOP / best[kind] / rates[k]
+                diff = float(np.abs(np.load(outputs[kind]) - ref).max()) \
+                    if ref is not None and kind != "gemms" else float("nan")
+                gflop = res.get("gflop", USEFUL_GFLOP)       # gemms: its own products only
+                burst, sustained = (100 * gflop / best[kind] / rates[k]
                                     for k in ("burst", "sustained"))
                 ratios.setdefault(kind, []).append((burst, sustained, ratio))
                 print(f"{kind:<10} {res['times'][0]:8.2f} {best[kind]:8.2f} "
-                      f"{USEFUL_GFLOP / best[kind]:8.1f} {burst:7.0f}% {sustained:7.0f}% "
+                      f"{gflop / best[kind]:8.1f} {burst:7.0f}% {sustained:7.0f}% "
                       f"{res['peak_rss_mb']:12.0f} {ratio:8.2f}x {diff:11.2e}")
     if args.rounds > 1:
         print(f"\nmedian of {args.rounds} rounds (min-max):")
