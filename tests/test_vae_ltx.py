@@ -102,8 +102,12 @@ def channels_last(x: np.ndarray) -> np.ndarray:
     (7, (5, 5, 5), (1, 1, 1), (2, 2)),
     (4, (3, 5, 3), (1, 2, 3), (2, 0)),
 ])
-def test_conv3d_matches_torch(frames, kernel, stride, temporal_pad):
+# The default band holds the positions in a ring (rolled taps); a tiny one makes the taps too
+# big to roll, so each output frame copies its positions in order, one output row per band.
+@pytest.mark.parametrize("band_bytes", [layers.BAND_BYTES, 1000], ids=["ring", "in-order"])
+def test_conv3d_matches_torch(frames, kernel, stride, temporal_pad, band_bytes, monkeypatch):
     torch = pytest.importorskip("torch")
+    monkeypatch.setattr(layers, "BAND_BYTES", band_bytes)
     rng = np.random.default_rng(frames)
     x = rng.standard_normal((3, frames, 9, 11), dtype=np.float32)
     w = rng.standard_normal((4, 3) + kernel, dtype=np.float32) / np.float32(np.sqrt(3 * np.prod(kernel)))
