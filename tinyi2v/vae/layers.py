@@ -102,8 +102,8 @@ def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
     its new positions (1 of kt at stride 1) and multiplies the slots in their ring order, against
     the taps rolled to that order (kt - 1 rolled copies, at most BAND_BYTES in all; larger taps,
     found at low resolution where copying is cheap, are not copied: each output frame then
-    copies its kt positions in order). The copies cost more than the GEMMs of a 64-channel
-    layer; the ring made Turbo-VAED's 720p decode ~12% faster.
+    copies its kt positions in order). At 64 channels the copies took half as long as the
+    GEMMs; the ring made both 720p decoders ~10% faster (docs/performance.md).
     """
     kh, cout, kt, kw, cin = taps.shape
     st, sh, sw = stride
