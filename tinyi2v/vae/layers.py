@@ -176,9 +176,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
     """Per-frame 2D convolution, stride 1, zero padding k//2.   x [F, H, W, Cin] -> [F, H', W, Cout];
     weight [Cout, Cin, kh, kw]; `pad_rows` as in conv3d (H' = H, or H - kh + 1 if False)."""
     taps = conv_taps(weight[:, :, None])                       # a 2D conv is a kt = 1 3D conv
-    _, _, _, kw, _ = taps.shape
-    return _conv_phased([_phases(f, taps.shape[0], kw, 1, 1, pad_rows) for f in x], taps, bias,
-                        (1, 1, 1))
+    kh, _, _, kw, _ = taps.shape
+    return _conv_phased([_phases(f, kh, kw, 1, 1, pad_rows) for f in x], taps, bias, (1, 1, 1))
 
 
 def depthwise_conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
