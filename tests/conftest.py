@@ -47,6 +47,17 @@ def random_denoiser_params(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return random_params(param_shapes(cfg), seed)
 
 
+def softmax_block_case(seed: int = 0) -> tuple[dict, dict[str, np.ndarray], tuple]:
+    """A one-block denoiser whose block is softmax attention (hidden 144: 2 heads of 72), for
+    `softmax_attention_block` tests: (config, params, RoPE tables of a 3x4x5 grid, N = 60)."""
+    from tinyi2v.denoiser import official_config, rope_tables
+
+    cfg = official_config(in_channels=8, hidden_size=144, num_blocks=1, softmax_blocks=(0,),
+                          mlp_hidden_size=48)
+    rope = rope_tables(3, 4, 5, 72, cfg["rope_scales"], cfg["rope_theta"])
+    return cfg, random_denoiser_params(cfg, seed), rope
+
+
 def make_tiny_model(root: Path, seed: int = 0, scheduler: dict | None = None) -> Path:
     """A complete model folder with random weights (never a trained model): a tiny MobileI2V
     denoiser over the tiny LTX VAE fixture's 8-channel latents, 64x96 pixels, 9 frames."""

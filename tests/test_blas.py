@@ -9,7 +9,7 @@ import pytest
 from tinyi2v import denoiser
 from tinyi2v.ops import blas
 
-from conftest import random_denoiser_params
+from conftest import softmax_block_case
 
 
 def numpy_uses_openblas() -> bool:
@@ -59,13 +59,8 @@ def test_without_blas_control_the_work_runs_here_in_one_piece(monkeypatch):
 
 def test_softmax_block_is_the_same_split_or_not(monkeypatch):
     """Each head computes what it computes alone: bit-identical to one thread, two samples."""
-    from tinyi2v.denoiser import official_config, rope_tables
-
-    cfg = official_config(in_channels=8, hidden_size=144, num_blocks=1, softmax_blocks=(0,),
-                          mlp_hidden_size=32)
-    p = random_denoiser_params(cfg, seed=2)
-    a = np.random.default_rng(3).normal(size=(2, 2 * 3 * 5, 144)).astype(np.float32)
-    rope = rope_tables(2, 3, 5, 72, cfg["rope_scales"], cfg["rope_theta"])
+    cfg, p, rope = softmax_block_case(seed=2)
+    a = np.random.default_rng(3).normal(size=(2, 60, 144)).astype(np.float32)
     split = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=7)
     monkeypatch.setattr(blas, "_openblas", lambda: None)
     one = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=7)

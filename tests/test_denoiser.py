@@ -9,7 +9,7 @@ from tinyi2v import denoiser, ops
 from tinyi2v.convert import convert_mobilei2v
 from tinyi2v.errors import TinyI2VError
 
-from conftest import OFFICIAL, need, random_denoiser_params
+from conftest import OFFICIAL, need, random_denoiser_params, softmax_block_case
 
 PARITY = 1e-4          # fixture README: float32 vs float64 of the official model differ by 2.5e-6
 
@@ -113,11 +113,8 @@ def test_any_grid_and_guide_tokens_get_timestep_zero():
 
 def test_softmax_attention_chunks_do_not_change_the_result():
     """Query chunks (here 7 queries, N = 60 not a multiple) give the one-chunk result, batched."""
-    cfg = denoiser.official_config(in_channels=8, hidden_size=144, num_blocks=1,
-                                   softmax_blocks=(0,), mlp_hidden_size=48)
-    p = random_denoiser_params(cfg)
+    cfg, p, rope = softmax_block_case()
     a = np.random.default_rng(2).standard_normal((2, 60, 144)).astype(np.float32)
-    rope = denoiser.rope_tables(3, 4, 5, 72, cfg["rope_scales"], cfg["rope_theta"])
     whole = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=60)
     chunked = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=7)
     np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
@@ -129,12 +126,9 @@ def test_softmax_attention_exact_when_scores_span_hundreds():
     """Scores over 80 below their row's maximum are raised to -80 (their exp would be a slow
     subnormal float): the result must still be float64 softmax attention's, here with scores
     spanning more than the 150 a trained model reaches (a floor of -10 instead fails this)."""
-    cfg = denoiser.official_config(in_channels=8, hidden_size=144, num_blocks=1,
-                                   softmax_blocks=(0,), mlp_hidden_size=48)
-    p = random_denoiser_params(cfg)
+    cfg, p, rope = softmax_block_case()
     p["blocks.0.attn.qkv.weight"][:288] *= 6                   # q and k rows: scores ~36x
     a = np.random.default_rng(3).standard_normal((1, 60, 144)).astype(np.float32)
-    rope = denoiser.rope_tables(3, 4, 5, 72, cfg["rope_scales"], cfg["rope_theta"])
     out = denoiser.softmax_attention_block(p, "blocks.0.", a, rope, cfg, query_chunk=16)
 
     qkv = denoiser.linear(a, p["blocks.0.attn.qkv.weight"], p["blocks.0.attn.qkv.bias"])
