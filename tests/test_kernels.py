@@ -184,3 +184,59 @@ def test_numpy_bias_silu_blocks_do_not_change_the_result():
     np.testing.assert_array_equal(blocked, whole)
     u = (x + b).astype(np.float64)
     np.testing.assert_allclose(whole, u / (1 + np.exp(-u)), rtol=1e-6, atol=1e-6)
+
+
+B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+
+
+def winograd_case(seed, nr, tx, slots, C):
+    """A padded frame with rows above and below the band of tile rows that starts at row0, and
+    an output buffer of noise (the slots not written must keep it)."""
+    rng = np.random.default_rng(seed)
+    row0 = int(rng.integers(0, 3))
+    padded, out = arrays(seed, (2 * (row0 + nr) + 2 + 3, 2 * tx + 2 + 1, C), (16, nr, tx, slots, C))
+    return padded, row0, out, int(rng.integers(0, slots))
+
+
+@fast
+@given(nr=st.integers(1, 3), tx=st.integers(1, 5), slots=st.integers(1, 3), C=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
+def test_winograd_tiles(nr, tx, slots, C, seed):
+    padded, row0, out, slot = winograd_case(seed, nr, tx, slots, C)
+    got, expect = out.copy(), out.copy()
+    numba_ops.winograd_tiles(padded, row0, got, slot)
+    ref.winograd_tiles(padded, row0, expect, slot)
+    np.testing.assert_allclose(got, expect, **TOL)
+
+
+@fast
+@given(nr=st.integers(1, 3), tx=st.integers(1, 5), C=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_winograd_untile(nr, tx, C, seed):
+    m, bias = arrays(seed, (16, nr, tx, C), (C,))
+    got, expect = np.empty((2 * nr, 2 * tx, C), np.float32), np.empty((2 * nr, 2 * tx, C), np.float32)
+    numba_ops.winograd_untile(m, bias, got)
+    ref.winograd_untile(m, bias, expect)
+    np.testing.assert_allclose(got, expect, **TOL)
+
+
+def test_numpy_winograd_transforms_match_their_definition():
+    """The numpy kernels themselves, tile by tile in float64: B^T d B into the slot (the other
+    slots untouched), and A^T m A + bias."""
+    padded, row0, out, slot = winograd_case(3, 2, 3, 3, 5)
+    before = out.copy()
+    ref.winograd_tiles(padded, row0, out, slot)
+    for i in range(2):
+        for j in range(3):
+            d = padded[2 * (row0 + i):2 * (row0 + i) + 4, 2 * j:2 * j + 4].astype(np.float64)
+            v = np.einsum("ay,yxc,bx->abc", B_T, d, B_T).reshape(16, -1)
+            np.testing.assert_allclose(out[:, i, j, slot], v, rtol=1e-6, atol=1e-5)
+    others = [s for s in range(3) if s != slot]
+    np.testing.assert_array_equal(out[..., others, :], before[..., others, :])
+    m, bias = arrays(4, (16, 2, 3, 5), (5,))
+    y = np.empty((4, 6, 5), np.float32)
+    ref.winograd_untile(m, bias, y)
+    for i in range(2):
+        for j in range(3):
+            tile = np.einsum("ya,abc,xb->yxc", A_T, m[:, i, j].reshape(4, 4, 5).astype(np.float64), A_T)
+            np.testing.assert_allclose(y[2 * i:2 * i + 2, 2 * j:2 * j + 2], tile + bias, rtol=1e-6, atol=1e-5)

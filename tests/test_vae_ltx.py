@@ -124,6 +124,43 @@ def test_conv3d_matches_torch(frames, kernel, stride, temporal_pad, band_bytes, 
                                         b, stride, temporal_pad)) < 1e-6
 
 
+@pytest.mark.parametrize("frames, temporal_pad, cin, H, W", [
+    (5, (2, 0), 3, 9, 11),      # causal, odd sizes: the tiles' extra row and column dropped
+    (4, (1, 1), 6, 8, 10),      # non-causal, even sizes
+    (1, (2, 0), 3, 9, 11),      # one frame: the summed kernel, kt = 1
+])
+@pytest.mark.parametrize("band_bytes", [layers.BAND_BYTES, 1000], ids=["ring", "in-order"])
+def test_winograd_conv3d_matches_torch(frames, temporal_pad, cin, H, W, band_bytes, monkeypatch):
+    """The Winograd path (taken for every channel count here) against torch's direct conv3d and
+    conv2d, with padded rows and with rows the caller supplies (pad_rows=False)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    monkeypatch.setattr(layers, "BAND_BYTES", band_bytes)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    calls = []
+    winograd = layers._conv_winograd
+    monkeypatch.setattr(layers, "_conv_winograd", lambda *a: calls.append(1) or winograd(*a))
+    rng = np.random.default_rng(frames + cin)
+    x = rng.standard_normal((cin, frames, H, W), dtype=np.float32)
+    w = rng.standard_normal((4, cin, 3, 3, 3), dtype=np.float32) / np.float32(np.sqrt(27 * cin))
+    b = rng.standard_normal(4, dtype=np.float32)
+    xt = torch.from_numpy(x)[None]
+    xt = torch.cat([xt[:, :, :1]] * temporal_pad[0] + [xt] + [xt[:, :, -1:]] * temporal_pad[1], 2)
+    expected = channels_last(F.conv3d(xt, torch.from_numpy(w), torch.from_numpy(b),
+                                      padding=(0, 1, 1))[0].numpy())
+    got = layers.conv3d(channels_last(x), w, b, temporal_pad=temporal_pad)
+    assert got.shape == expected.shape and max_diff(got, expected) < 1e-5
+    rows = layers.conv3d(channels_last(x), w.astype(np.float16), b, temporal_pad=temporal_pad,
+                         pad_rows=False)
+    half = layers.conv3d(channels_last(x), w.astype(np.float16).astype(np.float32), b,
+                         temporal_pad=temporal_pad)
+    assert max_diff(rows, half[:, 1:-1]) < 1e-6
+    expected2d = F.conv2d(torch.from_numpy(x).permute(1, 0, 2, 3), torch.from_numpy(w[:, :, 0]),
+                          torch.from_numpy(b), padding=1).permute(0, 2, 3, 1)
+    assert max_diff(layers.conv2d(channels_last(x), w[:, :, 0], b), expected2d) < 1e-5
+    assert len(calls) == 4
+
+
 def test_conv2d_and_depthwise_match_torch():
     torch = pytest.importorskip("torch")
     F = torch.nn.functional

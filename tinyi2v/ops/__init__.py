@@ -17,7 +17,8 @@ from types import ModuleType
 from ..errors import TinyI2VError
 
 KERNELS = ("to_float32", "layernorm_modulate", "gated_add_", "rope3d", "qk_norm_rope",
-           "linear_attention", "depthwise_silu_gate", "bias_silu_", "pixel_norm")
+           "linear_attention", "depthwise_silu_gate", "bias_silu_", "pixel_norm",
+           "winograd_tiles", "winograd_untile")
 BACKENDS = ("auto", "numpy", "numba")
 
 _active: ModuleType | None = None

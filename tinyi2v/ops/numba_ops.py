@@ -318,3 +318,77 @@ def pixel_norm(x, eps, silu):
     out = np.empty_like(x)
     _pixel_norm(x.reshape(-1, x.shape[-1]), np.float32(eps), silu, out.reshape(-1, x.shape[-1]))
     return out
+
+
+@numba.njit(inline="always")
+def _bt(d0, d1, d2, d3):                                      # B^T applied to 4 values
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@numba.njit(inline="always")
+def _at(m0, m1, m2, m3):                                      # A^T applied to 4 values
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+@_jit
+def _winograd_tiles(p, row0, out, slot):
+    _, nr, tx, _, C = out.shape
+    for i in prange(nr):
+        y = 2 * (row0 + i)
+        for j in range(tx):
+            x = 2 * j
+            for c in range(C):                                # contiguous: vectorises
+                a0, a1, a2, a3 = _bt(p[y, x, c], p[y + 1, x, c], p[y + 2, x, c], p[y + 3, x, c])
+                b0, b1, b2, b3 = _bt(p[y, x + 1, c], p[y + 1, x + 1, c], p[y + 2, x + 1, c],
+                                     p[y + 3, x + 1, c])
+                c0, c1, c2, c3 = _bt(p[y, x + 2, c], p[y + 1, x + 2, c], p[y + 2, x + 2, c],
+                                     p[y + 3, x + 2, c])
+                d0, d1, d2, d3 = _bt(p[y, x + 3, c], p[y + 1, x + 3, c], p[y + 2, x + 3, c],
+                                     p[y + 3, x + 3, c])
+                v0, v1, v2, v3 = _bt(a0, b0, c0, d0)                # element 0 + b
+                out[0, i, j, slot, c] = v0
+                out[1, i, j, slot, c] = v1
+                out[2, i, j, slot, c] = v2
+                out[3, i, j, slot, c] = v3
+                v0, v1, v2, v3 = _bt(a1, b1, c1, d1)                # element 4 + b
+                out[4, i, j, slot, c] = v0
+                out[5, i, j, slot, c] = v1
+                out[6, i, j, slot, c] = v2
+                out[7, i, j, slot, c] = v3
+                v0, v1, v2, v3 = _bt(a2, b2, c2, d2)                # element 8 + b
+                out[8, i, j, slot, c] = v0
+                out[9, i, j, slot, c] = v1
+                out[10, i, j, slot, c] = v2
+                out[11, i, j, slot, c] = v3
+                v0, v1, v2, v3 = _bt(a3, b3, c3, d3)                # element 12 + b
+                out[12, i, j, slot, c] = v0
+                out[13, i, j, slot, c] = v1
+                out[14, i, j, slot, c] = v2
+                out[15, i, j, slot, c] = v3
+
+
+def winograd_tiles(padded, row0, out, slot):
+    _winograd_tiles(np.ascontiguousarray(padded), row0, out, slot)
+
+
+@_jit
+def _winograd_untile(m, bias, out):
+    _, nr, tx, C = m.shape
+    for i in prange(nr):
+        for j in range(tx):
+            for c in range(C):
+                a0, a1 = _at(m[0, i, j, c], m[4, i, j, c], m[8, i, j, c], m[12, i, j, c])
+                b0, b1 = _at(m[1, i, j, c], m[5, i, j, c], m[9, i, j, c], m[13, i, j, c])
+                c0, c1 = _at(m[2, i, j, c], m[6, i, j, c], m[10, i, j, c], m[14, i, j, c])
+                d0, d1 = _at(m[3, i, j, c], m[7, i, j, c], m[11, i, j, c], m[15, i, j, c])
+                y00, y01 = _at(a0, b0, c0, d0)
+                y10, y11 = _at(a1, b1, c1, d1)
+                out[2 * i, 2 * j, c] = y00 + bias[c]
+                out[2 * i, 2 * j + 1, c] = y01 + bias[c]
+                out[2 * i + 1, 2 * j, c] = y10 + bias[c]
+                out[2 * i + 1, 2 * j + 1, c] = y11 + bias[c]
+
+
+def winograd_untile(m, bias, out):
+    assert out.flags.c_contiguous, "the output rows must be one contiguous block"
+    _winograd_untile(m, bias, out)

@@ -162,3 +162,38 @@ def pixel_norm(x: np.ndarray, eps: float, silu: bool) -> np.ndarray:
         with np.errstate(over="ignore"):
             y /= 1.0 + np.exp(-y)
     return y
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray 2015): a 2x2 block of a 3x3 convolution's output from a 4x4
+# input tile with 16 multiplications per channel pair instead of 36. The input tile d becomes
+# B^T d B, the taps g become G g G^T (vae/layers.py), their elementwise products summed over
+# input channels are 16 GEMMs, and A^T m A turns the 16 sums back into the 2x2 outputs:
+#     B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]     A^T = [[1, 1, 1, 0],
+#                                                                                   [0, 1, -1, -1]]
+
+def winograd_tiles(padded: np.ndarray, row0: int, out: np.ndarray, slot: int) -> None:
+    """Input transform B^T d B of the tile rows row0 .. row0 + nr of a zero-padded frame.
+
+    padded [Hp, Wp, C] (tile (i, j) reads rows 2i .. 2i + 3, columns 2j .. 2j + 3);
+    out [16, nr, tx, slots, C]: element 4a + b of tile (row0 + i, j) goes to out[4a + b, i, j, slot].
+    """
+    _, nr, tx, _, _ = out.shape
+    d = [padded[2 * row0 + k:2 * (row0 + nr) + k:2] for k in range(4)]   # tile row k: [nr, Wp, C]
+    for a, r in enumerate((d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3])):   # B^T d
+        c = [r[:, k:k + 2 * tx:2] for k in range(4)]                       # tile column k
+        np.subtract(c[0], c[2], out=out[4 * a + 0, :, :, slot])            # (B^T d) B
+        np.add(c[1], c[2], out=out[4 * a + 1, :, :, slot])
+        np.subtract(c[2], c[1], out=out[4 * a + 2, :, :, slot])
+        np.subtract(c[1], c[3], out=out[4 * a + 3, :, :, slot])
+
+
+def winograd_untile(m: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """Output transform A^T m A plus bias: m [16, nr, tx, Cout] (element 4a + b) -> out
+    [2 nr, 2 tx, Cout], output pixel (2i + y, 2j + x) from tile (i, j)."""
+    _, nr, tx, cout = m.shape
+    m = m.reshape(4, 4, nr, tx, cout)
+    o = out.reshape(nr, 2, tx, 2, cout)                       # [i, y, j, x, Cout]
+    for y, r in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):      # A^T m: [4, nr, tx, Cout]
+        np.add(r[0] + r[1], r[2], out=o[:, y, :, 0])                       # (A^T m) A
+        np.subtract(r[1] - r[2], r[3], out=o[:, y, :, 1])
+    out += bias

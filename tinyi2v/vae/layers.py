@@ -9,6 +9,8 @@ causal = (kt-1, 0), non-causal = ((kt-1)/2, (kt-1)/2)). They never build an im2c
 conv at 720p would need 13 GB for it): the output is computed a band of rows at a time, the
 band's input (all frames and kernel columns side by side) gathered once and multiplied per
 kernel row, so the GEMMs are long (K = kt * kw * Cin) and only kh partial sums are added.
+The 3x3 stride-1 convolutions on 32 or more channels, most of a decoder's work, use Winograd's
+F(2x2, 3x3) instead: 2.25x fewer multiplications, same result up to float32 rounding.
 With `pad_rows=False` the convs take rows that carry their own neighbours above and below (a
 slab of rows of a row-streamed decoder, see streaming.py).
 """
@@ -85,9 +87,30 @@ def _phases(frame: np.ndarray, kh: int, kw: int, sh: int, sw: int, pad_rows: boo
     return buf, Ho, Wo, Wq
 
 
+def _ring(count: int, st: int, kt: int, ring: bool):
+    """The input positions each output frame of a temporal convolution needs, held in kt slots.
+
+    Yields (t, [(slot, position) to fill], shift) for output frames t = 0 .. count - 1, which read
+    positions t*st .. t*st + kt - 1. With `ring`, position p lives in slot p % kt, so a frame
+    fills only the positions the previous one did not hold (1 of kt at stride 1) and multiplies
+    the slots in ring order: slot s holds tap (s - shift) % kt, i.e. the taps rolled by `shift`
+    along their kt axis. Without it, slot i holds position t*st + i (every frame fills its kt
+    slots) and shift is 0.
+    """
+    held = [-1] * kt                                            # the position in each slot
+    for t in range(count):
+        fill = []
+        for p in range(t * st, t * st + kt):
+            slot = p % kt if ring else p - t * st
+            if held[slot] != p:
+                held[slot] = p
+                fill.append((slot, p))
+        yield t, fill, (t * st % kt if ring else 0)
+
+
 def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
                  stride: tuple[int, int, int]) -> np.ndarray:
-    """The convolution over frames already split by `_phases`.
+    """The convolution over frames already split by `_phases` (any kernel, any stride).
 
     positions: the temporally padded input, one `_phases` result per position (a replicated
     frame appears once per copy); taps [kh, Cout, kt, kw, Cin] from `conv_taps`; stride (st, sh,
@@ -97,13 +120,10 @@ def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
     [rows, kt, kw, Cin] (kt positions and kw kernel columns side by side), and each kernel row
     dy is one GEMM with K = kt * kw * Cin on a row-shifted slice of it: long GEMMs and kh - 1
     additions per band instead of kt * kh * kw short GEMMs and additions (the additions, not the
-    multiplications, were the bottleneck at 128 channels). Where the taps are small, `cols` is
-    a ring over positions: position p lives in slot p % kt, so the next output frame copies only
-    its new positions (1 of kt at stride 1) and multiplies the slots in their ring order, against
-    the taps rolled to that order (kt - 1 rolled copies, at most BAND_BYTES in all; larger taps,
-    found at low resolution where copying is cheap, are not copied: each output frame then
-    copies its kt positions in order). At 64 channels the copies took half as long as the
-    GEMMs; the ring made both 720p decoders ~10% faster (docs/performance.md).
+    multiplications, were the bottleneck at 128 channels). Where the taps are small, the kt
+    positions of `cols` form a ring (`_ring`): each output frame copies only its new position.
+    Larger taps, found at low resolution where copying is cheap, are not rolled. At 64 channels
+    the copies took half as long as the GEMMs; the ring made both 720p decoders ~10% faster.
     """
     kh, cout, kt, kw, cin = taps.shape
     st, sh, sw = stride
@@ -115,26 +135,18 @@ def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
     out = np.empty((count, Ho, Wo, cout), np.float32)
     band = max(1, BAND_BYTES // (4 * phases * kt * kw * cin * Wq))   # output rows per band
     ring = (kt - 1) * taps.nbytes <= BAND_BYTES
-    rolled = {0: taps.reshape(kh, cout, -1)}                    # ring offset -> taps in slot order
+    rolled = [np.roll(taps, s, axis=2).reshape(kh, cout, -1) for s in range(kt if ring else 1)]
     for r0 in range(0, Ho, band):
         r1 = min(Ho, r0 + band)
         n, m = (r1 - r0) * Wq, (r1 - r0 + rows_below) * Wq     # output / input pixels
         cols = np.empty((phases, m, kt, kw, cin), np.float32)
-        held = [-1] * kt                                        # the position in each slot
         acc, tmp = np.empty((n, cout), np.float32), np.empty((n, cout), np.float32)
-        for t in range(count):
-            for p in range(t * st, t * st + kt):
-                slot = p % kt if ring else p - t * st
-                if held[slot] == p:
-                    continue
-                held[slot] = p
+        for t, fill, shift in _ring(count, st, kt, ring):
+            for slot, p in fill:
                 for ry in range(phases):
                     for dx in range(kw):
                         start = r0 * Wq + dx // sw
                         cols[ry, :, slot, dx] = flats[p][ry, dx % sw, start:start + m]
-            shift = t * st % kt if ring else 0                  # slot s holds tap (s - shift) % kt
-            if shift not in rolled:
-                rolled[shift] = np.roll(taps, shift, axis=2).reshape(kh, cout, -1)
             a = cols.reshape(phases, m, -1)                     # [phases, m, K]
             for dy in range(kh):
                 rows = (dy // sh) * Wq
@@ -149,6 +161,68 @@ def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
     return out
 
 
+# Winograd F(2x2, 3x3) (ops/numpy_ops.py): where it pays. Below 32 input channels the 16 GEMMs
+# are too thin; an upsampler's conv (Cout = 8 Cin) leaves too few tiles per band for its wide
+# GEMMs (each reads all its taps for a band) and runs faster direct.
+WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MAX_WIDENING = 4
+
+
+def winograd_taps(weight: np.ndarray) -> np.ndarray:
+    """Torch conv weight [Cout, Cin, kt, 3, 3] (any float dtype) -> float32 [16, kt, Cin, Cout]:
+    G g G^T of each 3x3 kernel g, element 4a + b, as the right-hand sides of the 16 GEMMs.
+    G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]."""
+    def g_rows(a: np.ndarray) -> np.ndarray:                   # G along axis 0: [3, ...] -> [4, ...]
+        half = (a[0] + a[2]) * np.float32(0.5)
+        odd = a[1] * np.float32(0.5)
+        return np.stack((a[0], half + odd, half - odd, a[2]))
+    g = np.ascontiguousarray(weight.transpose(4, 3, 2, 1, 0), dtype=np.float32)  # [x, y, kt, Cin, Cout]
+    u = g_rows(np.ascontiguousarray(g_rows(g).swapaxes(0, 1)))  # [4 (a), 4 (b), kt, Cin, Cout]
+    return u.reshape(16, *u.shape[2:])
+
+
+def _conv_winograd(x: np.ndarray, src: list[int], weight: np.ndarray, bias: np.ndarray | None,
+                   pad_rows: bool) -> np.ndarray:
+    """A 3x3 (x kt) stride-1 convolution by Winograd F(2x2, 3x3): 2.25x fewer multiplications.
+
+    x [T, H, W, Cin]; src: the frame of each temporally padded position; weight [Cout, Cin, kt,
+    3, 3] -> [T', H', W, Cout]. Each frame is zero-padded once; per band of 2x2 output tiles,
+    `ops.winograd_tiles` turns the input positions into [16, tiles, kt, Cin] (a ring over
+    positions, as in `_conv_phased`), 16 GEMMs with K = kt * Cin give the transformed outputs,
+    and `ops.winograd_untile` turns them into the band's output rows (bias added there).
+    The transforms only add and subtract (and G halves), so the result equals the direct
+    convolution up to float32 rounding.
+    """
+    T, H, W, cin = x.shape
+    cout, _, kt = weight.shape[:3]
+    ph = 1 if pad_rows else 0
+    Ho = H + 2 * ph - 2
+    ty, tx = -(-Ho // 2), -(-W // 2)                            # 2x2 output tiles
+    padded = np.zeros((T, 2 * ty + 2, 2 * tx + 2, cin), np.float32)   # tile (i, j): rows 2i..2i+3
+    padded[:, ph:ph + H, 1:1 + W] = x
+    u = winograd_taps(weight)                                   # [16, kt, Cin, Cout]
+    bias = np.zeros(cout, np.float32) if bias is None else np.asarray(bias, np.float32)
+    count = len(src) - kt + 1
+    out = np.empty((count, 2 * ty, 2 * tx, cout), np.float32)
+    band = max(1, BAND_BYTES // (4 * 16 * tx * (kt * cin + cout)))   # tile rows per band
+    ring = (kt - 1) * u.nbytes <= BAND_BYTES
+    rolled = [np.roll(u, s, axis=1).reshape(16, kt * cin, cout) for s in range(kt if ring else 1)]
+    for r0 in range(0, ty, band):
+        r1 = min(ty, r0 + band)
+        n = (r1 - r0) * tx                                      # tiles in the band
+        v = np.empty((16, r1 - r0, tx, kt, cin), np.float32)   # transformed input, kt slots
+        m = np.empty((16, n, cout), np.float32)                 # transformed output
+        for t, fill, shift in _ring(count, 1, kt, ring):
+            for slot, p in fill:
+                ops.winograd_tiles(padded[src[p]], r0, v, slot)
+            np.matmul(v.reshape(16, n, kt * cin), rolled[shift], out=m)   # 16 GEMMs
+            ops.winograd_untile(m.reshape(16, r1 - r0, tx, cout), bias, out[t, 2 * r0:2 * r1])
+    ConvFlops.total += 2 * count * Ho * W * cout * kt * 9 * cin   # as the direct convolution
+    if out.shape[1:3] != (Ho, W):                               # odd sizes: drop the extra
+        out = np.ascontiguousarray(out[:, :Ho, :W])
+    return out
+
+
 def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
            stride: tuple[int, int, int] = (1, 1, 1), temporal_pad: tuple[int, int] = (0, 0),
            pad_rows: bool = True) -> np.ndarray:
@@ -159,15 +233,21 @@ def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
     False: then x carries its own rows above and below, and H' = H - kh + 1).
     A one-frame input with padding gives every tap the same frame, so the kt temporal slices of
     the kernel are summed first: a 2D conv, kt x fewer GEMMs, equal up to rounding.
+    3x3 stride-1 kernels on enough channels go through Winograd (`_conv_winograd`), the rest
+    through direct GEMMs (`_conv_phased`).
     """
-    taps = conv_taps(weight)
-    kh, _, kt, kw, _ = taps.shape
+    _, cin, kt, kh, kw = weight.shape
     src = replicate_pad_index(x.shape[0], temporal_pad)        # padded position -> frame
     count = (len(src) - kt) // stride[0] + 1
+    if x.shape[0] == 1 and kt > 1:
+        weight, src = weight.astype(np.float32).sum(axis=2, keepdims=True), [0]
+        return np.repeat(conv3d(x, weight, bias, (1,) + stride[1:], (0, 0), pad_rows), count, 0)
+    cout = weight.shape[0]
+    if ((kh, kw) == (3, 3) and stride == (1, 1, 1) and cin >= WINOGRAD_MIN_CHANNELS
+            and cout <= WINOGRAD_MAX_WIDENING * cin):
+        return _conv_winograd(x, src, weight, bias, pad_rows)
+    taps = conv_taps(weight)
     phased = [_phases(f, kh, kw, *stride[1:], pad_rows) for f in x]   # each frame padded once
-    if x.shape[0] == 1:
-        one = _conv_phased(phased, taps.sum(axis=2, keepdims=True), bias, (1,) + stride[1:])
-        return np.repeat(one, count, axis=0)
     return _conv_phased([phased[j] for j in src], taps, bias, stride)
 
 
@@ -175,9 +255,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
            pad_rows: bool = True) -> np.ndarray:
     """Per-frame 2D convolution, stride 1, zero padding k//2.   x [F, H, W, Cin] -> [F, H', W, Cout];
     weight [Cout, Cin, kh, kw]; `pad_rows` as in conv3d (H' = H, or H - kh + 1 if False)."""
-    taps = conv_taps(weight[:, :, None])                       # a 2D conv is a kt = 1 3D conv
-    kh, _, _, kw, _ = taps.shape
-    return _conv_phased([_phases(f, kh, kw, 1, 1, pad_rows) for f in x], taps, bias, (1, 1, 1))
+    return conv3d(x, weight[:, :, None], bias, pad_rows=pad_rows)   # a kt = 1 3D conv
 
 
 def depthwise_conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
