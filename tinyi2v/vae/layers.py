@@ -9,7 +9,7 @@ causal = (kt-1, 0), non-causal = ((kt-1)/2, (kt-1)/2)). They never build an im2c
 conv at 720p would need 13 GB for it): the output is computed a band of rows at a time, the
 band's input (all frames and kernel columns side by side) gathered once and multiplied per
 kernel row, so the GEMMs are long (K = kt * kw * Cin) and only kh partial sums are added.
-The 3x3 stride-1 convolutions on 32 or more channels, most of a decoder's work, use Winograd's
+The 3x3 stride-1 convolutions on 16 or more channels, most of a decoder's work, use Winograd's
 F(2x2, 3x3) instead: 2.25x fewer multiplications, same result up to float32 rounding.
 With `pad_rows=False` the convs take rows that carry their own neighbours above and below (a
 slab of rows of a row-streamed decoder, see streaming.py).
@@ -161,10 +161,11 @@ def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
     return out
 
 
-# Winograd F(2x2, 3x3) (ops/numpy_ops.py): where it pays. Below 32 input channels the 16 GEMMs
-# are too thin; an upsampler's conv (Cout = 8 Cin) leaves too few tiles per band for its wide
-# GEMMs (each reads all its taps for a band) and runs faster direct.
-WINOGRAD_MIN_CHANNELS = 32
+# Winograd F(2x2, 3x3) (ops/numpy_ops.py) where it measured faster: at 720p Turbo-VAED's 16-channel
+# conv2d 1.3-1.9x, its 64-channel conv3d 1.4x, but its 4-channel conv_out no faster (the 16 GEMMs
+# too thin), and an upsampler's conv (Cout = 8 Cin) 1.5-3x slower: its wide M leaves few tiles
+# per band, so each GEMM reads all its taps for a few rows.
+WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MAX_WIDENING = 4
 
 
