@@ -169,17 +169,21 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MAX_WIDENING = 4
 
 
+# G turns 3 taps into the 4 that multiply B^T d B; kron(G, G) [16, 9] takes a flattened 3x3
+# kernel g (y * 3 + x) to G g G^T (element 4a + b).
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+WINOGRAD_GG = np.kron(WINOGRAD_G, WINOGRAD_G)
+
+
 def winograd_taps(weight: np.ndarray) -> np.ndarray:
     """Torch conv weight [Cout, Cin, kt, 3, 3] (any float dtype) -> float32 [16, kt, Cin, Cout]:
-    G g G^T of each 3x3 kernel g, element 4a + b, as the right-hand sides of the 16 GEMMs.
-    G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]."""
-    def g_rows(a: np.ndarray) -> np.ndarray:                   # G along axis 0: [3, ...] -> [4, ...]
-        half = (a[0] + a[2]) * np.float32(0.5)
-        odd = a[1] * np.float32(0.5)
-        return np.stack((a[0], half + odd, half - odd, a[2]))
-    g = np.ascontiguousarray(weight.transpose(4, 3, 2, 1, 0), dtype=np.float32)  # [x, y, kt, Cin, Cout]
-    u = g_rows(np.ascontiguousarray(g_rows(g).swapaxes(0, 1)))  # [4 (a), 4 (b), kt, Cin, Cout]
-    return u.reshape(16, *u.shape[2:])
+    G g G^T of each 3x3 kernel g, as the right-hand sides of the 16 GEMMs. Runs once per call
+    of a convolution (a streamed decoder calls each one per slab), so it is two copies and
+    small GEMMs rather than elementwise passes."""
+    cout, cin, kt = weight.shape[:3]
+    g = np.ascontiguousarray(weight.reshape(cout, -1).T, dtype=np.float32)   # [Cin * kt * 9, Cout]
+    u = WINOGRAD_GG @ g.reshape(cin, kt, 9, cout)                # [Cin, kt, 16, Cout]
+    return np.ascontiguousarray(u.transpose(2, 1, 0, 3))         # [16, kt, Cin, Cout]
 
 
 def _conv_winograd(x: np.ndarray, src: list[int], weight: np.ndarray, bias: np.ndarray | None,
