@@ -161,12 +161,12 @@ def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
     return out
 
 
-# Winograd F(2x2, 3x3) (ops/numpy_ops.py) where it measured faster: at 720p Turbo-VAED's 16-channel
-# conv2d 1.3-1.9x, its 64-channel conv3d 1.4x, but its 4-channel conv_out no faster (the 16 GEMMs
-# too thin), and an upsampler's conv (Cout = 8 Cin) 1.5-3x slower: its wide M leaves few tiles
-# per band, so each GEMM reads all its taps for a few rows.
+# Winograd F(2x2, 3x3) (ops/numpy_ops.py) where it measured faster: at 720p 1.2-1.7x on the
+# decoders' 16- to 512-channel convolutions, upsamplers (Cout = 8 Cin) included, but no faster on
+# Turbo-VAED's 4-channel conv_out (the 16 GEMMs too thin) or its 256 -> 2048 upsampler, whose
+# transformed taps (16/9 the size of the direct ones, held whole) would be 100 MB.
 WINOGRAD_MIN_CHANNELS = 16
-WINOGRAD_MAX_WIDENING = 4
+WINOGRAD_MAX_TAPS_BYTES = 64 * 2**20
 
 
 # G turns 3 taps into the 4 that multiply B^T d B; kron(G, G) [16, 9] takes a flattened 3x3
@@ -249,7 +249,7 @@ def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
         return np.repeat(conv3d(x, weight, bias, (1,) + stride[1:], (0, 0), pad_rows), count, 0)
     cout = weight.shape[0]
     if ((kh, kw) == (3, 3) and stride == (1, 1, 1) and cin >= WINOGRAD_MIN_CHANNELS
-            and cout <= WINOGRAD_MAX_WIDENING * cin):
+            and 16 * kt * cin * cout * 4 <= WINOGRAD_MAX_TAPS_BYTES):
         return _conv_winograd(x, src, weight, bias, pad_rows)
     taps = conv_taps(weight)
     phased = [_phases(f, kh, kw, *stride[1:], pad_rows) for f in x]   # each frame padded once
