@@ -175,7 +175,8 @@ def winograd_tiles(padded: np.ndarray, row0: int, out: np.ndarray, slot: int) ->
     """Input transform B^T d B of the tile rows row0 .. row0 + nr of a zero-padded frame.
 
     padded [Hp, Wp, C] (tile (i, j) reads rows 2i .. 2i + 3, columns 2j .. 2j + 3);
-    out [16, nr, tx, slots, C]: element 4a + b of tile (row0 + i, j) goes to out[4a + b, i, j, slot].
+    out [16, nr, tx, slots, C]: element 4a + b of tile (row0 + i, j) goes to
+    out[4a + b, i, j, slot]; the other slots are left as they are.
     """
     _, nr, tx, _, _ = out.shape
     d = [padded[2 * row0 + k:2 * (row0 + nr) + k:2] for k in range(4)]   # tile row k: [nr, Wp, C]

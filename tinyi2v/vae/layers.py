@@ -43,8 +43,8 @@ BAND_BYTES = 16 * 2**20     # convolutions: input columns gathered per band of o
 
 class ConvFlops:
     """Floating-point operations (2 per multiply-add) of the convolutions run so far, counted as
-    the direct convolution does them (where Winograd does 2.25x fewer, the rate is effective), read by
-    `tinyi2v bench` to report each VAE stage's GFLOP/s. Counting costs one addition per call."""
+    the direct convolution does them (where Winograd does 2.25x fewer, the rate is effective),
+    read by `tinyi2v bench` to report each VAE stage's GFLOP/s. One addition per call."""
     total = 0
 
 
