@@ -37,8 +37,11 @@ def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
     conv's padding; the last slab also gets `halo` zero rows below), so every output row is
     computed once, exactly as on the whole tensor. `layer(rows, pad_rows=False)` maps R input rows
     to R - 2 * halo output rows (x2 for an upsampler). `pre` (e.g. pixel norm + SiLU) is applied
-    to each slab first, before the zero padding, as the conv pads its activated input."""
-    carry, received = None, 0                                   # the 2*halo rows still needed
+    to each slab first, before the zero padding, as the conv pads its activated input.
+    Every call but the last computes an even number of output rows (an odd one holds its last
+    row back for the next call), so each call starts at an even row: a Winograd convolution
+    (layers.py) then pairs rows into 2x2 tiles as it does on the whole tensor, and rounds alike."""
+    carry, received = None, 0                                   # the input rows still needed
 
     def next_rows(slab: np.ndarray) -> np.ndarray | None:
         nonlocal carry, received
@@ -48,7 +51,9 @@ def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
         zeros = np.zeros((slab.shape[0], halo) + slab.shape[2:], slab.dtype)
         rows = np.concatenate([zeros if carry is None else carry, slab]
                               + [zeros] * (received == height), axis=1)
-        carry = rows[:, -2 * halo:].copy()                      # a view would pin `rows`
+        keep = 2 * halo + ((rows.shape[1] - 2 * halo) % 2 if received < height else 0)
+        carry = rows[:, rows.shape[1] - keep:].copy()           # a view would pin `rows`
+        rows = rows[:, :rows.shape[1] - keep + 2 * halo]        # an odd last row waits
         return layer(rows, pad_rows=False) if rows.shape[1] > 2 * halo else None
 
     # map/filter rather than a generator function: a suspended generator would keep its last
