@@ -136,7 +136,8 @@ def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
     out = np.empty((count, Ho, Wo, cout), np.float32)
     band = max(1, BAND_BYTES // (4 * phases * kt * kw * cin * Wq))   # output rows per band
     ring = (kt - 1) * taps.nbytes <= BAND_BYTES
-    rolled = [np.roll(taps, s, axis=2).reshape(kh, cout, -1) for s in range(kt if ring else 1)]
+    rolled = [np.roll(taps, s, axis=2) if s else taps for s in range(kt if ring else 1)]
+    rolled = [r.reshape(kh, cout, -1) for r in rolled]          # [kh, Cout, K] per ring shift
     for r0 in range(0, Ho, band):
         r1 = min(Ho, r0 + band)
         n, m = (r1 - r0) * Wq, (r1 - r0 + rows_below) * Wq     # output / input pixels
@@ -212,7 +213,8 @@ def _conv_winograd(x: np.ndarray, src: list[int], weight: np.ndarray, bias: np.n
     out = np.empty((count, 2 * ty, 2 * tx, cout), np.float32)
     band = max(1, BAND_BYTES // (4 * 16 * tx * (kt * cin + cout)))   # tile rows per band
     ring = (kt - 1) * u.nbytes <= BAND_BYTES
-    rolled = [np.roll(u, s, axis=1).reshape(16, kt * cin, cout) for s in range(kt if ring else 1)]
+    rolled = [np.roll(u, s, axis=1) if s else u for s in range(kt if ring else 1)]
+    rolled = [r.reshape(16, kt * cin, cout) for r in rolled]    # [16, K, Cout] per ring shift
     for r0 in range(0, ty, band):
         r1 = min(ty, r0 + band)
         n = (r1 - r0) * tx                                      # tiles in the band
