@@ -330,6 +330,14 @@ def _at(m0, m1, m2, m3):                                      # A^T applied to 4
     return m0 + m1 + m2, m1 - m2 - m3
 
 
+@numba.njit(inline="always")
+def _put4(out, e, i, j, slot, c, v):                          # out[e .. e + 3, i, j, slot, c] = v
+    out[e, i, j, slot, c] = v[0]
+    out[e + 1, i, j, slot, c] = v[1]
+    out[e + 2, i, j, slot, c] = v[2]
+    out[e + 3, i, j, slot, c] = v[3]
+
+
 @_jit
 def _winograd_tiles(p, row0, out, slot):
     _, nr, tx, _, C = out.shape
@@ -345,26 +353,10 @@ def _winograd_tiles(p, row0, out, slot):
                                      p[y + 3, x + 2, c])
                 d0, d1, d2, d3 = _bt(p[y, x + 3, c], p[y + 1, x + 3, c], p[y + 2, x + 3, c],
                                      p[y + 3, x + 3, c])
-                v0, v1, v2, v3 = _bt(a0, b0, c0, d0)                # element 0 + b
-                out[0, i, j, slot, c] = v0
-                out[1, i, j, slot, c] = v1
-                out[2, i, j, slot, c] = v2
-                out[3, i, j, slot, c] = v3
-                v0, v1, v2, v3 = _bt(a1, b1, c1, d1)                # element 4 + b
-                out[4, i, j, slot, c] = v0
-                out[5, i, j, slot, c] = v1
-                out[6, i, j, slot, c] = v2
-                out[7, i, j, slot, c] = v3
-                v0, v1, v2, v3 = _bt(a2, b2, c2, d2)                # element 8 + b
-                out[8, i, j, slot, c] = v0
-                out[9, i, j, slot, c] = v1
-                out[10, i, j, slot, c] = v2
-                out[11, i, j, slot, c] = v3
-                v0, v1, v2, v3 = _bt(a3, b3, c3, d3)                # element 12 + b
-                out[12, i, j, slot, c] = v0
-                out[13, i, j, slot, c] = v1
-                out[14, i, j, slot, c] = v2
-                out[15, i, j, slot, c] = v3
+                _put4(out, 0, i, j, slot, c, _bt(a0, b0, c0, d0))   # elements 4a + b
+                _put4(out, 4, i, j, slot, c, _bt(a1, b1, c1, d1))
+                _put4(out, 8, i, j, slot, c, _bt(a2, b2, c2, d2))
+                _put4(out, 12, i, j, slot, c, _bt(a3, b3, c3, d3))
 
 
 def winograd_tiles(padded, row0, out, slot):
