@@ -23,6 +23,7 @@ from tinyi2v.vae.layers import (
     pixel_norm_silu,
     relu,
 )
+from tinyi2v.vae.streaming import stream_rows
 from tinyi2v.vae.turbo_vaed import (
     CLASS_NAME,
     TurboVAEDDecoder,
@@ -187,6 +188,24 @@ def test_streamed_equals_layer_by_layer(odd_model, frames, slab_bytes):
     rows = [c[1] for c in calls]
     assert len(rows) >= 2 * 3 and rows == sorted(set(rows)) and rows[-1] == 2 * 48
     assert all(c[0] == "decode" and c[2] == 2 * 48 for c in calls)
+
+
+@pytest.mark.parametrize("height, slab_rows", [(7, 1), (7, 2), (9, 3), (8, 5), (6, 6)])
+def test_stream_rows_calls_start_on_even_rows(height, slab_rows):
+    """Every output row once and in order; every call but the last computes an even number of
+    rows, so each starts on an even row and a Winograd conv tiles as on the whole tensor."""
+    x = np.arange(height, dtype=np.float32).reshape(1, height, 1, 1) + 1
+    calls = []
+
+    def centre_rows(rows, pad_rows):                            # a 3x3 conv's row bookkeeping
+        assert pad_rows is False
+        calls.append(rows.shape[1] - 2)
+        return rows[:, 1:-1].copy()
+
+    slabs = (x[:, r:r + slab_rows] for r in range(0, height, slab_rows))
+    got = np.concatenate(list(stream_rows(centre_rows, slabs, height)), axis=1)
+    np.testing.assert_array_equal(got, x)
+    assert sum(calls) == height and all(n % 2 == 0 for n in calls[:-1])
 
 
 # ----------------------------------------------------------------------------- errors
