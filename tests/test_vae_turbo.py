@@ -191,21 +191,22 @@ def test_streamed_equals_layer_by_layer(odd_model, frames, slab_bytes):
 
 
 @pytest.mark.parametrize("height, slab_rows", [(7, 1), (7, 2), (9, 3), (8, 5), (6, 6)])
-def test_stream_rows_calls_start_on_even_rows(height, slab_rows):
-    """Every output row once and in order; every call but the last computes an even number of
-    rows, so each starts on an even row and a Winograd conv tiles as on the whole tensor."""
-    x = np.arange(height, dtype=np.float32).reshape(1, height, 1, 1) + 1
-    calls = []
+@pytest.mark.parametrize("scale", [1, 2])                    # a conv / an upsampler
+def test_stream_rows_calls_start_on_even_rows(height, slab_rows, scale):
+    """Every output row once and in order, and every call of the layer starts on an even row,
+    so a Winograd conv tiles as on the whole tensor."""
+    x = np.arange(height, dtype=np.float32).reshape(1, height, 1, 1) + 1     # row r holds r + 1
+    starts = []
 
     def centre_rows(rows, pad_rows):                            # a 3x3 conv's row bookkeeping
         assert pad_rows is False
-        calls.append(rows.shape[1] - 2)
-        return rows[:, 1:-1].copy()
+        starts.append(int(rows[0, 1, 0, 0]) - 1)                # never padding: a real row
+        return np.repeat(rows[:, 1:-1], scale, axis=1)
 
     slabs = (x[:, r:r + slab_rows] for r in range(0, height, slab_rows))
     got = np.concatenate(list(stream_rows(centre_rows, slabs, height)), axis=1)
-    np.testing.assert_array_equal(got, x)
-    assert sum(calls) == height and all(n % 2 == 0 for n in calls[:-1])
+    np.testing.assert_array_equal(got, np.repeat(x, scale, axis=1))
+    assert starts and all(r % 2 == 0 for r in starts)
 
 
 # ----------------------------------------------------------------------------- errors

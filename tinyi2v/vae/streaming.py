@@ -38,23 +38,31 @@ def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
     computed once, exactly as on the whole tensor. `layer(rows, pad_rows=False)` maps R input rows
     to R - 2 * halo output rows (x2 for an upsampler). `pre` (e.g. pixel norm + SiLU) is applied
     to each slab first, before the zero padding, as the conv pads its activated input.
-    Every call but the last computes an even number of output rows (an odd one holds its last
-    row back for the next call), so each call starts at an even row: a Winograd convolution
-    (layers.py) then pairs rows into 2x2 tiles as it does on the whole tensor, and rounds alike."""
-    carry, received = None, 0                                   # the input rows still needed
+    A call whose first output row is odd also takes the input row before its rows and drops its
+    first output row (or rows: an upsampler doubles them), so every call starts on an even row:
+    a Winograd convolution (layers.py) then pairs rows into 2x2 tiles as on the whole tensor,
+    and rounds alike. The slabs keep their sizes; about half the calls compute one row more."""
+    carry, received, emitted = None, 0, 0    # the last 2 * halo + 1 input rows; output rows so far
 
     def next_rows(slab: np.ndarray) -> np.ndarray | None:
-        nonlocal carry, received
+        nonlocal carry, received, emitted
         received += slab.shape[1]
         if pre is not None:
             slab = pre(slab)
         zeros = np.zeros((slab.shape[0], halo) + slab.shape[2:], slab.dtype)
         rows = np.concatenate([zeros if carry is None else carry, slab]
                               + [zeros] * (received == height), axis=1)
-        keep = 2 * halo + ((rows.shape[1] - 2 * halo) % 2 if received < height else 0)
-        carry = rows[:, rows.shape[1] - keep:].copy()           # a view would pin `rows`
-        rows = rows[:, :rows.shape[1] - keep + 2 * halo]        # an odd last row waits
-        return layer(rows, pad_rows=False) if rows.shape[1] > 2 * halo else None
+        carry = rows[:, -2 * halo - 1:].copy()                  # a view would pin `rows`
+        extra = emitted % 2                  # odd start: keep the row before (carry holds it)
+        if not extra and rows.shape[1] > 2 * halo + slab.shape[1] + halo * (received == height):
+            rows = rows[:, 1:]                                  # no: drop it
+        if rows.shape[1] - extra <= 2 * halo:
+            return None
+        out = layer(rows, pad_rows=False)
+        emitted += rows.shape[1] - extra - 2 * halo
+        if extra:                                # drop the extra row's outputs (2 if upsampled)
+            out = out[:, out.shape[1] // (rows.shape[1] - 2 * halo):]
+        return out
 
     # map/filter rather than a generator function: a suspended generator would keep its last
     # slab alive, and a chain of twenty of them would hold twenty slabs for nothing
