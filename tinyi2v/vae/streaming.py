@@ -50,12 +50,12 @@ def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
         if pre is not None:
             slab = pre(slab)
         zeros = np.zeros((slab.shape[0], halo) + slab.shape[2:], slab.dtype)
+        spare = 0 if carry is None else max(0, carry.shape[1] - 2 * halo)   # the row before
         rows = np.concatenate([zeros if carry is None else carry, slab]
                               + [zeros] * (received == height), axis=1)
         carry = rows[:, -2 * halo - 1:].copy()                  # a view would pin `rows`
-        extra = emitted % 2                  # odd start: keep the row before (carry holds it)
-        if not extra and rows.shape[1] > 2 * halo + slab.shape[1] + halo * (received == height):
-            rows = rows[:, 1:]                                  # no: drop it
+        extra = emitted % 2                                     # odd start: keep the row before
+        rows = rows[:, spare - extra:]                          # (held whenever emitted > 0)
         if rows.shape[1] - extra <= 2 * halo:
             return None
         out = layer(rows, pad_rows=False)
