@@ -244,13 +244,12 @@ def conv3d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
     3x3 stride-1 kernels on enough channels go through Winograd (`_conv_winograd`), the rest
     through direct GEMMs (`_conv_phased`).
     """
-    _, cin, kt, kh, kw = weight.shape
+    cout, cin, kt, kh, kw = weight.shape
     src = replicate_pad_index(x.shape[0], temporal_pad)        # padded position -> frame
     count = (len(src) - kt) // stride[0] + 1
     if x.shape[0] == 1 and kt > 1:
         summed = weight.astype(np.float32).sum(axis=2, keepdims=True)   # [Cout, Cin, 1, kh, kw]
         return np.repeat(conv3d(x, summed, bias, (1,) + stride[1:], (0, 0), pad_rows), count, 0)
-    cout = weight.shape[0]
     if ((kh, kw) == (3, 3) and stride == (1, 1, 1) and cin >= WINOGRAD_MIN_CHANNELS
             and 16 * kt * cin * cout * 4 <= WINOGRAD_MAX_TAPS_BYTES):
         return _conv_winograd(x, src, weight, bias, pad_rows)

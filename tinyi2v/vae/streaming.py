@@ -42,10 +42,11 @@ def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
     first output row (or rows: an upsampler doubles them), so every call starts on an even row:
     a Winograd convolution (layers.py) then pairs rows into 2x2 tiles as on the whole tensor,
     and rounds alike. The slabs keep their sizes; about half the calls compute one row more."""
-    carry, received, emitted = None, 0, 0    # the last 2 * halo + 1 input rows; output rows so far
+    carry, received = None, 0                # the last 2 * halo + 1 input rows; rows so far
 
     def next_rows(slab: np.ndarray) -> np.ndarray | None:
-        nonlocal carry, received, emitted
+        nonlocal carry, received
+        start = max(0, received - halo)          # this call's first output row (halo zeros on top)
         received += slab.shape[1]
         if pre is not None:
             slab = pre(slab)
@@ -54,12 +55,11 @@ def stream_rows(layer: Callable[..., np.ndarray], slabs: Slabs, height: int,
         rows = np.concatenate([zeros if carry is None else carry, slab]
                               + [zeros] * (received == height), axis=1)
         carry = rows[:, -2 * halo - 1:].copy()                  # a view would pin `rows`
-        extra = emitted % 2                                     # odd start: keep the row before
-        rows = rows[:, spare - extra:]                          # (held whenever emitted > 0)
+        extra = start % 2                                       # odd start: keep the row before
+        rows = rows[:, spare - extra:]                          # (held whenever start > 0)
         if rows.shape[1] - extra <= 2 * halo:
             return None
         out = layer(rows, pad_rows=False)
-        emitted += rows.shape[1] - extra - 2 * halo
         if extra:                                # drop the extra row's outputs (2 if upsampled)
             out = out[:, out.shape[1] // (rows.shape[1] - 2 * halo):]
         return out
