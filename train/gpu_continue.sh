@@ -23,13 +23,13 @@ DEV="--device ${DEVICE:-cuda} --threads 4"
 W=${WORKERS:-14}
 if [ "${SMOKE:-0}" = 1 ]; then
     LATENTS="--clips 16 --heldout-clips 4 --batch 4"
-    TEACHER="--steps 4 --eval-every 0 --eval-clips 4 --batch 4"
+    TEACHER="--steps 4 --eval-every 0 --eval-clips 4 --batch 4 --compile"
     DISTILL="--steps 4 --eval-every 0 --trajectories 4 --eval-clips 4 --batch 4"
     VAE="--steps 4 --eval-every 0 --eval-clips 1 --batch 4"
 else
-    LATENTS="--clips 20000 --max-minutes 1.3 --batch 32"
-    TEACHER="--steps 100000 --max-minutes 5.2 --eval-every 1000 --batch 128 --lr 4e-4"
-    DISTILL="--steps 100000 --max-minutes 1.7 --trajectories 512 --eval-every 200 --batch 32"
+    LATENTS="--clips 20000 --max-minutes 1.2 --batch 32"
+    TEACHER="--steps 100000 --max-minutes 4.7 --eval-every 1000 --batch 128 --lr 4e-4 --compile"
+    DISTILL="--steps 100000 --max-minutes 1.6 --trajectories 512 --eval-every 200 --batch 32"
     VAE="--steps 100000 --max-minutes 6.6 --eval-every 500 --batch 32"
 fi
 python -m train.latents --cache "$CACHE" --vae weights/tinyi2v-demo/vae --out "$RUNS/latents" \
@@ -38,6 +38,11 @@ if [ "${DECODER:-0}" = 1 ]; then
     python -m train.vae --cache "$CACHE" --decoder-from weights/tinyi2v-demo/vae \
         --out "$RUNS/vae" $DEV --workers $((W - 2)) $VAE --crops-per-clip 4 --time-weight 1 \
         --log-every 50 &
+fi
+if [ "${PROBE:-0}" = 1 ]; then       # the teacher eager for 30 steps: its speed, next to the
+    python -m train.teacher --latents "$RUNS/latents" --out "$RUNS/teacher_eager" $DEV \
+        --init-from weights/tinyi2v-teacher/transformer --steps 30 --eval-every 0 \
+        --eval-clips 4 --batch 128 --log-every 10        # compiled teacher's in its own log
 fi
 python -m train.teacher --latents "$RUNS/latents" --init-from weights/tinyi2v-teacher/transformer \
     --out "$RUNS/teacher" $DEV $TEACHER --log-every 100
