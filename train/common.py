@@ -227,10 +227,11 @@ def train_loop(run: Run, model: nn.Module, loss_fn: Callable[[int], Losses],
         if ema is not None:
             ema.update(model, step)
         step += 1
-        step_times.append(time.perf_counter() - tick)
-        step_cpu.append(time.process_time() - cpu_tick)
+        # reading the losses waits for the device, so on a GPU the step time includes its work
         for k, v in losses.items():
             window.setdefault(k, []).append(float(v.detach()))
+        step_times.append(time.perf_counter() - tick)
+        step_cpu.append(time.process_time() - cpu_tick)
         if step % args.log_every == 0 or step == args.steps:
             run.log({"step": step, **{k: float(np.mean(v)) for k, v in window.items()},
                      "lr": lr, "seconds": run.elapsed,
