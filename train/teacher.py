@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "and --blocks): continues a teacher whose checkpoint is not at hand, "
                              "as on a GPU machine where only the repository travels")
     parser.add_argument("--compile", action="store_true",
-                        help="train through torch.compile (fuses the per-token modulation and "
-                             "the other elementwise chains: worth its compile time on a GPU, "
-                             "not on a CPU); a frame it cannot compile runs eagerly")
+                        help="compile the blocks with torch.compile (fuses their elementwise "
+                             "chains; on an H200 0.25 s a batch-128 step against 0.33 eager, "
+                             "after ~45 s of compiling; on a CPU no faster); a frame it cannot "
+                             "compile runs eagerly")
     return parser
 
 
