@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="compile the blocks with torch.compile (fuses their elementwise "
                              "chains; on an H200 0.25 s a batch-128 step against 0.33 eager, "
-                             "after ~45 s of compiling; on a CPU no faster); a frame it cannot "
+                             "after ~35 s of compiling; on a CPU no faster); a frame it cannot "
                              "compile runs eagerly")
     return parser
 
