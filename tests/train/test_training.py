@@ -187,6 +187,32 @@ def test_teacher_starts_from_given_weights(runs: Path, random_teacher: Path, tmp
     assert all(np.array_equal(np.asarray(start[k]), np.asarray(saved[k])) for k in start)
 
 
+def test_compiled_teacher_trains_like_the_eager_one(runs: Path, random_teacher: Path,
+                                                    tmp_path: Path) -> None:
+    """--compile compiles the blocks in place: the same parameters train (the losses and the
+    saved EMA weights follow the eager run's) and the export sees them under the same keys."""
+    args = ["--latents", str(runs / "latents"), "--init-from", str(random_teacher / "transformer"),
+            "--steps", "4", "--batch", "2", "--lr", "1e-2", "--warmup", "0", "--eval-every", "0",
+            "--eval-clips", "2", "--threads", "1", "--log-every", "1"]
+    assert teacher.main(args + ["--out", str(tmp_path / "eager")]) == 0
+    assert teacher.main(args + ["--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    print("eager", eager, "compiled", compiled)
+    assert np.allclose(compiled, eager, rtol=1e-4), (eager, compiled)
+    start, a, b = (Component(path / "transformer") for path in
+                   (random_teacher, tmp_path / "eager", tmp_path / "compiled"))
+    assert set(a) == set(b) == set(start)
+    # the distance over all weights, not the largest difference: Adam's first steps move each
+    # weight by ~lr whatever its gradient, so rounding can flip one with a near-zero gradient
+    def distance(x: Component, y: Component) -> float:
+        return float(np.sqrt(sum(np.sum((np.asarray(x[k], np.float64) - np.asarray(y[k])) ** 2)
+                                 for k in x)))
+
+    moved, apart = distance(a, start), distance(a, b)
+    print(f"training moved the weights by {moved:.3g}; eager and compiled {apart:.3g} apart")
+    assert moved > 1e-2 and apart < 0.01 * moved
+
+
 def test_export_animates_a_photo(runs: Path) -> None:
     pipe = Pipeline.load(runs / "model")
     assert pipe.vae.spatial_compression == 8 and pipe.vae.temporal_compression == 2
