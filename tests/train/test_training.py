@@ -187,6 +187,8 @@ def test_teacher_starts_from_given_weights(runs: Path, random_teacher: Path, tmp
     assert all(np.array_equal(np.asarray(start[k]), np.asarray(saved[k])) for k in start)
 
 
+# torch.compile's own imports use a deprecated torch.jit decorator (torch 2.13)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_teacher_trains_like_the_eager_one(runs: Path, random_teacher: Path,
                                                     tmp_path: Path) -> None:
     """--compile compiles the blocks in place: the same parameters train (the losses and the
