@@ -109,6 +109,17 @@ def _ring(count: int, st: int, kt: int, ring: bool):
         yield t, fill, (t * st % kt if ring else 0)
 
 
+def _rolled_taps(taps: np.ndarray, axis: int, shape: tuple[int, ...]) -> tuple[bool, list]:
+    """(ring, the taps for each `_ring` shift): with a ring, shift s multiplies the taps rolled
+    by s along their kt `axis` (kt - 1 rolled copies, made only where they fit in BAND_BYTES;
+    shift 0 is the taps themselves, no copy); without, the taps alone. Each reshaped to `shape`
+    for its GEMMs."""
+    kt = taps.shape[axis]
+    ring = (kt - 1) * taps.nbytes <= BAND_BYTES
+    return ring, [(np.roll(taps, s, axis) if s else taps).reshape(shape)
+                  for s in range(kt if ring else 1)]
+
+
 def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
                  stride: tuple[int, int, int]) -> np.ndarray:
     """The convolution over frames already split by `_phases` (any kernel, any stride).
@@ -135,9 +146,7 @@ def _conv_phased(positions: list, taps: np.ndarray, bias: np.ndarray | None,
     phases = min(sh, kh)                                        # row phases the kernel reads
     out = np.empty((count, Ho, Wo, cout), np.float32)
     band = max(1, BAND_BYTES // (4 * phases * kt * kw * cin * Wq))   # output rows per band
-    ring = (kt - 1) * taps.nbytes <= BAND_BYTES
-    rolled = [np.roll(taps, s, axis=2) if s else taps for s in range(kt if ring else 1)]
-    rolled = [r.reshape(kh, cout, -1) for r in rolled]          # [kh, Cout, K] per ring shift
+    ring, rolled = _rolled_taps(taps, 2, (kh, cout, -1))        # [kh, Cout, K] per ring shift
     for r0 in range(0, Ho, band):
         r1 = min(Ho, r0 + band)
         n, m = (r1 - r0) * Wq, (r1 - r0 + rows_below) * Wq     # output / input pixels
@@ -212,9 +221,7 @@ def _conv_winograd(x: np.ndarray, src: list[int], weight: np.ndarray, bias: np.n
     count = len(src) - kt + 1
     out = np.empty((count, 2 * ty, 2 * tx, cout), np.float32)
     band = max(1, BAND_BYTES // (4 * 16 * tx * (kt * cin + cout)))   # tile rows per band
-    ring = (kt - 1) * u.nbytes <= BAND_BYTES
-    rolled = [np.roll(u, s, axis=1) if s else u for s in range(kt if ring else 1)]
-    rolled = [r.reshape(16, kt * cin, cout) for r in rolled]    # [16, K, Cout] per ring shift
+    ring, rolled = _rolled_taps(u, 1, (16, kt * cin, cout))     # [16, K, Cout] per ring shift
     for r0 in range(0, ty, band):
         r1 = min(ty, r0 + band)
         n = (r1 - r0) * tx                                      # tiles in the band
