@@ -24,6 +24,7 @@ set -eu
 CACHE=$1 RUNS=$2
 DEV="--device ${DEVICE:-cuda} --threads 4"
 W=${WORKERS:-14}
+SHIPPED=weights/tinyi2v-teacher/transformer            # the teacher every run starts from
 if [ "${SMOKE:-0}" = 1 ]; then
     LATENTS="--clips 16 --heldout-clips 4 --batch 4"
     TEACHER="--steps 4 --eval-every 0 --eval-clips 4 --batch 4 --compile"
@@ -44,10 +45,10 @@ if [ "${DECODER:-0}" = 1 ]; then
 fi
 if [ "${PROBE:-0}" = 1 ]; then       # the teacher eager for 30 steps: its speed, next to the
     python -m train.teacher --latents "$RUNS/latents" --out "$RUNS/teacher_eager" $DEV \
-        --init-from weights/tinyi2v-teacher/transformer --steps 30 --eval-every 0 \
+        --init-from "$SHIPPED" --steps 30 --eval-every 0 \
         --eval-clips 4 --batch 128 --log-every 10        # compiled teacher's in its own log
 fi
-python -m train.teacher --latents "$RUNS/latents" --init-from weights/tinyi2v-teacher/transformer \
+python -m train.teacher --latents "$RUNS/latents" --init-from "$SHIPPED" \
     --out "$RUNS/teacher" $DEV $TEACHER --log-every 100
 python -m train.distill --teacher "$RUNS/teacher" --latents "$RUNS/latents" --out "$RUNS/student" \
     $DEV $DISTILL --log-every 50
